@@ -1,0 +1,44 @@
+"""ttc-lightning: test-time compute (augmentation, adaptation, iterative inference) for PyTorch Lightning."""
+
+from ttc_lightning.callback import TestTimeCallback
+from ttc_lightning.mixin import TestTimeComputeMixin
+from ttc_lightning.tta.augmenter import Augmenter
+from ttc_lightning.tta.callback import TestTimeAugmentation
+from ttc_lightning.tta.transforms import (
+    Add,
+    FiveCrop,
+    HFlip,
+    Identity,
+    Multiply,
+    Resize,
+    Rotate90,
+    Scale,
+    Transform,
+    Transpose,
+    VFlip,
+    register_transform,
+)
+from ttc_lightning.tta.wrapper import TTAWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Add",
+    "Augmenter",
+    "FiveCrop",
+    "HFlip",
+    "Identity",
+    "Multiply",
+    "Resize",
+    "Rotate90",
+    "Scale",
+    "TTAWrapper",
+    "TestTimeAugmentation",
+    "TestTimeCallback",
+    "TestTimeComputeMixin",
+    "Transform",
+    "Transpose",
+    "VFlip",
+    "__version__",
+    "register_transform",
+]

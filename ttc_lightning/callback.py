@@ -1,0 +1,168 @@
+"""``TestTimeCallback``: the Lightning side shared by every strategy (stages, run lifecycle, restoration)."""
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from ttc_lightning.pipeline import Context, Forward, check_roles, install, uninstall
+from ttc_lightning.state import ModuleSnapshot
+
+#: Trainer stages a strategy can act in.
+STAGES = ("predict", "test", "validate")
+
+
+class _Run:
+    """One Trainer stage with strategies applied: snapshots, the installed forward and the per-batch checks."""
+
+    def __init__(self, strategies: Sequence["TestTimeCallback"], module: pl.LightningModule) -> None:
+        check_roles(strategies)
+        self.strategies = strategies
+        self.before = ModuleSnapshot.capture(module, tensors=False)
+        self.tensors: ModuleSnapshot | None = None
+        self.context: Context | None = None
+        self.warned = False
+
+    def start(self, module: pl.LightningModule) -> None:
+        if any(s.modifies_model for s in self.strategies):
+            self.tensors = ModuleSnapshot.capture(module, tensors=True)
+        self.context = install(module, self.strategies)
+
+    def check_batch(self, module: pl.LightningModule, batch_idx: int) -> None:
+        assert self.context is not None
+        calls, self.context.calls = self.context.calls, 0
+        if calls == 0:
+            raise RuntimeError(
+                f"Batch {batch_idx}: the step never called {type(module).__name__}.forward, so no test-time strategy "
+                "ran. Call `self(x)` in the step (not a submodule such as `self.net(x)`), or inherit "
+                "`ttc_lightning.TestTimeComputeMixin` to get a predict_step that does."
+            )
+        if calls > 1 and not self.warned:
+            self.warned = True
+            rank_zero_warn(
+                f"Batch {batch_idx}: the step called {type(module).__name__}.forward {calls} times; test-time "
+                "strategies ran on every call (once per batch is expected)."
+            )
+
+    def finish(self, module: pl.LightningModule) -> None:
+        uninstall(module)
+        if self.tensors is not None:
+            self.tensors.restore(module)
+        self.before.restore(module)
+
+
+class TestTimeCallback(Callback):
+    """Base class of test-time strategies as Lightning callbacks.
+
+    All strategy callbacks of one Trainer stage form one pipeline, ordered by role (adaptation outermost, iterative
+    inference in the middle, augmentation innermost), installed at the stage's start and removed at its end or on
+    an exception, when the module's parameters, buffers, modes and ``requires_grad`` flags are restored to what they
+    were before the stage (after any ``ckpt_path`` was loaded).
+
+    Args:
+        stages: Trainer stages to act in, a subset of ``("predict", "test", "validate")``. Default ``("predict",)``.
+            ``validate`` means ``trainer.validate``; validation inside ``trainer.fit`` is never touched.
+    """
+
+    role: ClassVar[str]
+    #: Whether the strategy changes parameters or buffers (a full snapshot is then taken and restored).
+    modifies_model: ClassVar[bool] = False
+
+    def __init__(self, stages: Sequence[str] = ("predict",)) -> None:
+        if isinstance(stages, str) or not stages or any(s not in STAGES for s in stages):
+            raise ValueError(f"`stages`={stages!r} must be a non-empty list drawn from {', '.join(STAGES)}.")
+        self.stages = tuple(stages)
+        self._run: _Run | None = None
+
+    def wrap(self, inner: Forward, context: Context) -> Forward:
+        """Return the forward that applies this strategy around ``inner``."""
+        raise NotImplementedError
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._run = None
+        if stage not in self.stages:
+            return
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, TestTimeCallback) and stage in cb.stages]
+        if peers[0] is self:  # the first strategy of the stage runs the pipeline for all of them
+            self._run = _Run(peers, pl_module)
+
+    def _start(self, pl_module: pl.LightningModule) -> None:
+        if self._run is not None:
+            self._run.start(pl_module)
+
+    def _batch_end(self, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        if self._run is not None and self._run.context is not None:
+            self._run.check_batch(pl_module, batch_idx)
+
+    def _finish(self, pl_module: pl.LightningModule) -> None:
+        run, self._run = self._run, None
+        if run is not None:
+            run.finish(pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(pl_module)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(pl_module, batch_idx)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(pl_module, batch_idx)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(pl_module, batch_idx)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish(pl_module)

@@ -1,0 +1,228 @@
+"""``Augmenter``: the test-time augmentation core shared by the Lightning callback and the plain-module wrapper."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ttc_lightning.checks import check_choice, check_int
+from ttc_lightning.tta import functional as F
+from ttc_lightning.tta.functional import Size
+from ttc_lightning.tta.merge import ACTIVATIONS, MERGES, SPACES, Merger, default_space
+from ttc_lightning.tta.transforms import TransformSpec, View, expand, resolve_transforms
+from ttc_lightning.tta.uncertainty import UNCERTAINTIES, UncertaintyAccumulator
+
+TASKS = ("classification", "segmentation", "keypoints", "boxes")
+CLASS_TASKS = ("classification", "segmentation")
+POINT_TASKS = ("keypoints", "boxes")
+#: Views per forward when ``chunk_size="auto"``: one view at a time on CPU, all views of a shape stacked on GPU.
+AUTO_CPU_CHUNK = 1
+
+
+def _pairs(name: str, pairs: Sequence[Sequence[int]] | None) -> tuple[tuple[int, int], ...]:
+    if pairs is None:
+        return ()
+    out = []
+    for pair in pairs:
+        pair = tuple(pair)
+        if len(pair) != 2 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in pair):
+            raise ValueError(f"`{name}` entry {pair!r} must be a pair of non-negative indices.")
+        out.append(pair)
+    used = [i for pair in out for i in pair]
+    if len(used) != len(set(used)):
+        raise ValueError(f"`{name}`={pairs!r} uses an index twice; each index may appear in one pair only.")
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _uncertainty(value: bool | str | Sequence[str] | None, task: str) -> tuple[str, ...]:
+    if value is None or value is False:
+        return ()
+    if value is True:
+        return UNCERTAINTIES if task in CLASS_TASKS else ("std",)
+    names = (value,) if isinstance(value, str) else tuple(value)
+    for name in names:
+        check_choice("uncertainty", name, UNCERTAINTIES)
+        if name != "std" and task not in CLASS_TASKS:
+            raise ValueError(f"`uncertainty`={name!r} needs class outputs; task={task!r} supports only 'std'.")
+    return names
+
+
+def _repeat_batch_first(value: Any, batch: int, times: int) -> Any:
+    if times > 1 and isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+        return value.repeat(times, *([1] * (value.ndim - 1)))
+    return value
+
+
+class Augmenter:
+    """Runs a model on augmented views of a batch, maps each output back, and merges the views.
+
+    Args:
+        transforms: an alias (``hflip``, ``vflip``, ``flip``, ``d4``, ``multiscale``, ``five_crop``, ``ten_crop``),
+            a registered transform name, a :class:`~ttc_lightning.Transform`, or a list of these (their product).
+            Default ``"hflip"``.
+        merge: ``mean``, ``sum``, ``max``, ``min``, ``median``, ``gmean``, ``tsharpen`` or ``vote``. Default
+            ``"mean"``.
+        task: ``classification`` (outputs unchanged), ``segmentation`` (dense ``(B, C, H, W)`` outputs mapped
+            back), ``keypoints`` (``(B, K, 2+)`` ``(x, y)`` pixel coordinates) or ``boxes`` (``(B, N, 4+)`` xyxy).
+            Default ``"classification"``.
+        space: ``raw``, ``prob`` or ``logprob`` (see :mod:`ttc_lightning.tta.merge`); ``None`` picks ``raw``, or
+            ``prob`` for ``gmean``, ``tsharpen`` and ``vote``. Default ``None``.
+        activation: ``softmax`` over dim 1 or ``sigmoid`` (multi-label), for ``prob``/``logprob``, ``vote`` and
+            uncertainty. Default ``"softmax"``.
+        flip_classes: pairs of class indices swapped in views that mirror the image (an odd number of h-flips,
+            v-flips and transposes), e.g. left/right arm in segmentation. Default ``None``.
+        flip_pairs: pairs of keypoint indices swapped in mirrored views (task ``keypoints``). Default ``None``.
+        uncertainty: ``True`` for every measure the task supports, or names among ``std``, ``entropy``,
+            ``mutual_info``, ``agreement`` (see :mod:`ttc_lightning.tta.uncertainty`). Default ``None``.
+        chunk_size: views per forward call: ``None`` stacks every view of a shape into one forward, an int bounds
+            it, ``"auto"`` uses 1 on CPU and ``None`` on accelerators (measured, see ``benchmarks/``). Views of
+            different shapes (non-square rot90, scales) always go in separate forwards. Default ``"auto"``.
+    """
+
+    def __init__(
+        self,
+        transforms: TransformSpec = "hflip",
+        merge: str = "mean",
+        task: str = "classification",
+        space: str | None = None,
+        activation: str = "softmax",
+        flip_classes: Sequence[Sequence[int]] | None = None,
+        flip_pairs: Sequence[Sequence[int]] | None = None,
+        uncertainty: bool | str | Sequence[str] | None = None,
+        chunk_size: int | str | None = "auto",
+    ) -> None:
+        check_choice("task", task, TASKS)
+        check_choice("merge", merge, MERGES)
+        check_choice("activation", activation, ACTIVATIONS)
+        if space is not None:
+            check_choice("space", space, SPACES)
+        self.transforms = resolve_transforms(transforms)
+        for transform in self.transforms:
+            if task != "classification" and not transform.invertible(points=task in POINT_TASKS):
+                raise ValueError(
+                    f"`transforms` includes {transform!r}, which has no inverse for task={task!r}; it moves labels "
+                    "that cannot be mapped back. Use it with task='classification' only."
+                )
+        if task not in CLASS_TASKS and (merge == "vote" or space in ("prob", "logprob")):
+            bad = "merge='vote'" if merge == "vote" else f"space={space!r}"
+            raise ValueError(f"{bad} needs class outputs; task={task!r} outputs coordinates. Use space='raw'.")
+        if merge == "vote" and (activation != "softmax" or space not in (None, "prob")):
+            raise ValueError("merge='vote' counts argmax votes: it needs activation='softmax' and space=None.")
+        if merge in ("gmean", "tsharpen") and space == "logprob":
+            raise ValueError(f"merge={merge!r} is undefined on log-probabilities (negative); use space='prob'.")
+        if task in CLASS_TASKS:
+            self.flip_classes = _pairs("flip_classes", flip_classes)
+        elif flip_classes:
+            raise ValueError(f"`flip_classes` applies to class outputs; task={task!r}. Use flip_pairs for keypoints.")
+        if task == "keypoints":
+            self.flip_pairs = _pairs("flip_pairs", flip_pairs)
+        elif flip_pairs:
+            raise ValueError(f"`flip_pairs` applies to task='keypoints'; got task={task!r}.")
+        if chunk_size not in (None, "auto"):
+            check_int("chunk_size", chunk_size, 1)
+        self.task, self.merge, self.activation = task, merge, activation
+        self.space = space or default_space(merge)
+        self.uncertainty = _uncertainty(uncertainty, task)
+        self.chunk_size = chunk_size
+        self.views = expand(self.transforms)
+        self._plans: dict[tuple[Size, int | None], list[list[View]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def plan(self, size: Size, chunk_size: int | None) -> list[list[View]]:
+        """Views grouped by augmented shape (first-seen order) and cut into chunks; checks every view first."""
+        key = (size, chunk_size)
+        if key not in self._plans:
+            groups: dict[Size, list[View]] = {}
+            for view in self.views:
+                view.check(size)
+                groups.setdefault(view.sizes(size)[-1], []).append(view)
+            step = chunk_size or len(self.views)
+            self._plans[key] = [group[i : i + step] for group in groups.values() for i in range(0, len(group), step)]
+        return self._plans[key]
+
+    def __call__(self, forward: Callable[..., Any], x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, dict]:
+        """Merged output of ``forward`` over the views of ``x`` and the requested uncertainty measures."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"Test-time augmentation needs a tensor input; got {type(x).__name__}.")
+        if x.ndim < 3 and any(view.spatial for view in self.views):
+            raise ValueError(
+                f"`transforms` {self.transforms} move pixels and need an image batch (B, ..., H, W) with at least "
+                f"3 dimensions; got an input of shape {tuple(x.shape)}."
+            )
+        size: Size = tuple(x.shape[-2:]) if x.ndim >= 3 else (1, 1)  # type: ignore[assignment]
+        chunk = self.chunk_size
+        if chunk == "auto":
+            chunk = AUTO_CPU_CHUNK if x.device.type == "cpu" else None
+        batch = x.shape[0]
+        merger = Merger(self.merge, self.space, self.activation)
+        tracker = UncertaintyAccumulator(self.uncertainty, self.space, self.activation) if self.uncertainty else None
+        out_dtype: torch.dtype | None = None
+        reference: tuple[int, ...] | None = None
+        for views in self.plan(size, chunk):  # type: ignore[arg-type]
+            k = len(views)
+            inputs = torch.cat([view.augment(x) for view in views]) if k > 1 else views[0].augment(x)
+            extra = [_repeat_batch_first(a, batch, k) for a in args]
+            named = {name: _repeat_batch_first(v, batch, k) for name, v in kwargs.items()}
+            ys = forward(inputs, *extra, **named)
+            if not isinstance(ys, Tensor) or ys.ndim == 0 or ys.shape[0] != k * batch:
+                got = f"shape {tuple(ys.shape)}" if isinstance(ys, Tensor) else type(ys).__name__
+                raise ValueError(
+                    f"Test-time augmentation needs a batch-first tensor output with {k * batch} rows ({k} views x "
+                    f"batch {batch}); the model returned {got}."
+                )
+            out_dtype = out_dtype or ys.dtype
+            values = ys.to(torch.promote_types(ys.dtype, torch.float32)).unflatten(0, (k, batch))
+            stacked = torch.stack([self._deaugment(view, values[j], size) for j, view in enumerate(views)])
+            if reference is None:
+                reference = tuple(stacked.shape[1:])
+            elif tuple(stacked.shape[1:]) != reference:
+                raise ValueError(
+                    f"View {views[0]} de-augments to shape {tuple(stacked.shape[1:])} but the first view gave "
+                    f"{reference}; the outputs cannot be merged."
+                )
+            merger.add(stacked)
+            if tracker is not None:
+                tracker.add(stacked)
+        merged = merger.result()
+        extras = tracker.result(merged) if tracker is not None else {}
+        return merged.to(out_dtype), extras
+
+    def _deaugment(self, view: View, y: Tensor, size: Size) -> Tensor:
+        """Map one view's output back to the input's frame, for the task."""
+        task = self.task
+        minimum = {"classification": 2 if self.merge == "vote" or self.space != "raw" else 1, "segmentation": 3}
+        if task in CLASS_TASKS:
+            if y.ndim < minimum[task]:
+                what = "(B, C, H, W) dense" if task == "segmentation" else "(B, C) class"
+                raise ValueError(
+                    f"task={task!r} with merge={self.merge!r}, space={self.space!r} needs {what} outputs; the model "
+                    f"returned shape {tuple(y.shape)}."
+                )
+            if task == "segmentation" and view.spatial:
+                y = view.deaugment(y, size)
+            return self._swap(y, self.flip_classes, 1, "flip_classes") if view.reflects else y
+        width = 2 if task == "keypoints" else 4
+        if y.ndim != 3 or y.shape[-1] < width:
+            raise ValueError(
+                f"task={task!r} needs outputs of shape (B, N, {width}+) with (x, y) pixel coordinates first; the "
+                f"model returned shape {tuple(y.shape)}."
+            )
+        if task == "boxes":
+            return F.points_as_boxes(view.deaugment_points(F.boxes_as_points(y), size))
+        y = view.deaugment_points(y, size)
+        return self._swap(y, self.flip_pairs, 1, "flip_pairs") if view.reflects else y
+
+    @staticmethod
+    def _swap(y: Tensor, pairs: tuple[tuple[int, int], ...], dim: int, name: str) -> Tensor:
+        if not pairs:
+            return y
+        n = y.shape[dim]
+        if max(i for pair in pairs for i in pair) >= n:
+            raise ValueError(f"`{name}`={pairs!r} indexes past the {n} entries of output dim {dim}.")
+        order = list(range(n))
+        for a, b in pairs:
+            order[a], order[b] = b, a
+        return y.index_select(dim, torch.tensor(order, device=y.device))
