@@ -1,0 +1,149 @@
+"""Shared pieces of the benchmark scripts: the model, the machine header, timing and markdown tables.
+
+The scripts import this module as ``common`` (they put their own folder first on ``sys.path`` when run as
+``python benchmarks/<script>.py``).
+"""
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import lightning
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+import ttc_lightning as ttc
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def setup_threads() -> int:
+    """Set torch's intra-op threads to the usable core count and return it."""
+    n = cores()
+    torch.set_num_threads(n)
+    return n
+
+
+def header(title: str, device: str = "cpu") -> str:
+    """A markdown header naming the benchmark, the date and the machine."""
+    lines = [
+        f"## {title}",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- CPU: {cpu_model()}, {cores()} cores, torch threads: {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, lightning {lightning.__version__}, ttc_lightning {ttc.__version__}, "
+        f"Python {platform.python_version()}",
+    ]
+    if device.startswith("cuda"):
+        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
+    return "\n".join(lines) + "\n"
+
+
+def convnet(downsample: bool = True, classes: int = 10) -> nn.Sequential:
+    """Three 3x3 conv blocks (32, 64, 128 channels, BatchNorm + ReLU), global average pool, linear head.
+
+    With ``downsample`` a 2x2 max-pool follows the first two blocks (a typical small CIFAR net); without it every
+    block runs at full resolution, so activations dominate memory.
+    """
+    layers: list[nn.Module] = []
+    channels = [3, 32, 64, 128]
+    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        if downsample and i < 2:
+            layers.append(nn.MaxPool2d(2))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], classes)]
+    net = nn.Sequential(*layers)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode is not the identity
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+class LitConvNet(ttc.TestTimeComputeMixin, pl.LightningModule):
+    """A LightningModule around a network, with the mixin's ``predict_step``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def trainer(callbacks: Sequence[pl.Callback] = (), device: str = "cpu") -> pl.Trainer:
+    """A quiet single-device Trainer."""
+    return pl.Trainer(
+        accelerator="cuda" if device.startswith("cuda") else "cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=list(callbacks),
+    )
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Seconds taken by one call of ``fn``, device work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(configs: dict[str, Callable[[], object]], reps: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Warm every configuration up once, then time them in turn ``reps`` times (A, B, C, A, B, C, ...)."""
+    for fn in configs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(reps):
+        for name, fn in configs.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of ``values``."""
+    return statistics.median(values)
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table; floats are printed with 3 significant decimals."""
+
+    def cell(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
