@@ -1,0 +1,34 @@
+"""Every Hydra config under configs/ composes and instantiates to the documented strategy."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+import ttc_lightning as ttc
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TTA_VIEWS = {"hflip": 2, "flip": 4, "d4": 8, "multiscale": 3, "five_crop": 5, "ten_crop": 10}
+
+
+def _compose(override: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(overrides=[override])
+
+
+def test_every_tta_config_is_checked():
+    names = {p.stem for p in (CONFIGS / "ttc" / "tta").glob("*.yaml")}
+    assert names == set(TTA_VIEWS) | {"none"}
+
+
+@pytest.mark.parametrize("name", sorted(TTA_VIEWS))
+def test_tta_config_instantiates(name):
+    callback = instantiate(_compose(f"+ttc/tta={name}").ttc.tta)
+    assert isinstance(callback, ttc.TestTimeAugmentation)
+    assert len(callback.augmenter) == TTA_VIEWS[name]
+    assert callback.augmenter.merge == "mean"
+
+
+def test_tta_none_is_empty():
+    assert _compose("+ttc/tta=none").ttc.tta == {}
