@@ -175,7 +175,8 @@ class Augmenter:
                 )
             out_dtype = out_dtype or ys.dtype
             values = ys.to(torch.promote_types(ys.dtype, torch.float32)).unflatten(0, (k, batch))
-            stacked = torch.stack([self._deaugment(view, values[j], size) for j, view in enumerate(views)])
+            outputs = [self._deaugment(view, values[j], size) for j, view in enumerate(views)]
+            stacked = outputs[0].unsqueeze(0) if k == 1 else torch.stack(outputs)
             if reference is None:
                 reference = tuple(stacked.shape[1:])
             elif tuple(stacked.shape[1:]) != reference:

@@ -96,15 +96,12 @@ class Merger:
         self._accumulate("total", reduce(values, 0))
 
     def _accumulate(self, name: str, value: Tensor) -> None:
+        """Out of place, so gradients can flow through a merge (e.g. marginal entropy over views)."""
         current = getattr(self, name)
-        if current is None:
-            setattr(self, name, value)
-        elif self.merge == "max" and name == "total":
-            torch.maximum(current, value, out=current)
-        elif self.merge == "min" and name == "total":
-            torch.minimum(current, value, out=current)
-        else:
-            current += value
+        if current is not None:
+            combine = {"max": torch.maximum, "min": torch.minimum}.get(self.merge, torch.add)
+            value = combine(current, value) if name == "total" else current + value
+        setattr(self, name, value)
 
     def _raw_non_negative(self, values: Tensor) -> Tensor:
         low = values.min()
