@@ -150,3 +150,16 @@ def test_run_leaves_no_forward_attribute(model, loader, make_trainer):
     trainer.predict(model, loader)
     assert "forward" not in model.__dict__
     assert model.calls == 6  # 3 batches x 2 views: the composed forward ran once per batch
+
+
+def test_callbacks_from_configure_callbacks_join_the_pipeline(classifier_cls, loader, images, make_trainer, reference):
+    trace: list[str] = []
+
+    class WithCallbacks(classifier_cls):
+        def configure_callbacks(self):
+            return [ttc.TestTimeAugmentation()]
+
+    module = WithCallbacks()
+    preds = make_trainer([Iterative(trace)], limit_predict_batches=1).predict(module, loader)
+    assert trace == ["iterative>", "<iterative"] and module.calls == 2
+    torch.testing.assert_close(preds[0], reference(module, images[:8]))

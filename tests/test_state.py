@@ -21,7 +21,8 @@ def same_bits(a, b) -> bool:
 
 def module() -> nn.Sequential:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.2), nn.BatchNorm2d(4, track_running_stats=False))
+    stateless_bn = nn.BatchNorm2d(4, track_running_stats=False)  # running statistics are None buffers
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.2), stateless_bn)
     with torch.no_grad():
         net[1].running_mean.uniform_()
         net[1].running_var.uniform_(1, 2)

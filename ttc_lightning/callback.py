@@ -48,7 +48,8 @@ class _Run:
             )
 
     def finish(self, module: pl.LightningModule) -> None:
-        uninstall(module)
+        if self.context is not None:  # never remove a forward this run did not install
+            uninstall(module)
         if self.tensors is not None:
             self.tensors.restore(module)
         self.before.restore(module)
@@ -67,6 +68,7 @@ class TestTimeCallback(Callback):
             ``validate`` means ``trainer.validate``; validation inside ``trainer.fit`` is never touched.
     """
 
+    __test__ = False  # not a pytest test class despite the name
     role: ClassVar[str]
     #: Whether the strategy changes parameters or buffers (a full snapshot is then taken and restored).
     modifies_model: ClassVar[bool] = False

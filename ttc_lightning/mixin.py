@@ -29,6 +29,7 @@ class TestTimeComputeMixin:
         predictions = trainer.predict(LitClassifier(), dataloaders=loader)
     """
 
+    __test__ = False  # not a pytest test class despite the name
     ttc_input_key: str = "input"
 
     def ttc_inputs(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
