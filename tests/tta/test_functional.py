@@ -1,4 +1,4 @@
-"""Pure tensor ops of ``ttc_lightning.tta.functional``: the coordinate frame, rot90's direction, image/point agreement."""
+"""Pure tensor ops of ``ttc_lightning.tta.functional``: coordinate frame, rot90 direction, image/point agreement."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def where(x):
     return i, j
 
 
-# --- the frame and the direction of rot90, pinned by hand ---------------------------------------------------------
+# --- the frame and the direction of rot90, pinned by hand -------------------------------------------------------------
 
 
 def test_rot90_is_counter_clockwise_on_square_and_non_square_images():
@@ -78,7 +78,7 @@ def test_point_ops_keep_extra_columns_and_leading_dims():
     assert out.shape == p.shape and torch.equal(out[..., 2:], p[..., 2:])
 
 
-# --- image ops and point ops agree pixel for pixel -----------------------------------------------------------------
+# --- image ops and point ops agree pixel for pixel --------------------------------------------------------------------
 
 
 @settings(max_examples=60, deadline=None)
@@ -127,7 +127,7 @@ def test_image_ops_keep_leading_dims_and_act_on_the_last_two():
     assert torch.equal(F.crop(x, 1, 2, 3, 4), x[..., 1:4, 2:6])
 
 
-# --- resize ---------------------------------------------------------------------------------------------------------
+# --- resize -----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic", "area"])
@@ -151,7 +151,7 @@ def test_resize_keeps_constants_and_points_resize_matches_pixel_centers():
     assert F.points_resize(torch.tensor([2.5, 1.5]), (3, 4), (6, 12)).tolist() == center.tolist()
 
 
-# --- boxes as corner points ------------------------------------------------------------------------------------------
+# --- boxes as corner points -------------------------------------------------------------------------------------------
 
 
 def test_boxes_as_points_and_back_keep_extra_columns_and_reorder_corners():

@@ -78,6 +78,11 @@ class Augmenter:
         chunk_size: views per forward call: ``None`` stacks every view of a shape into one forward, an int bounds
             it, ``"auto"`` uses 1 on CPU and ``None`` on accelerators (measured, see ``benchmarks/``). Views of
             different shapes (non-square rot90, scales) always go in separate forwards. Default ``"auto"``.
+
+    Further positional and keyword arguments of the forward that are tensors with the batch size as first dimension
+    are repeated along with stacked views; everything else passes unchanged (a non-batch tensor whose first dimension
+    happens to equal the batch size would be repeated too: pass it another way). The merged output has the model's
+    output dtype; uncertainty measures are in the accumulation dtype (float32 at least).
     """
 
     def __init__(
@@ -108,7 +113,10 @@ class Augmenter:
             bad = "merge='vote'" if merge == "vote" else f"space={space!r}"
             raise ValueError(f"{bad} needs class outputs; task={task!r} outputs coordinates. Use space='raw'.")
         if merge == "vote" and (activation != "softmax" or space not in (None, "prob")):
-            raise ValueError("merge='vote' counts argmax votes: it needs activation='softmax' and space=None.")
+            raise ValueError(
+                f"merge='vote' counts argmax votes over softmax classes: it needs activation='softmax' and space None "
+                f"or 'prob'; got activation={activation!r}, space={space!r}."
+            )
         if merge in ("gmean", "tsharpen") and space == "logprob":
             raise ValueError(f"merge={merge!r} is undefined on log-probabilities (negative); use space='prob'.")
         if task in CLASS_TASKS:
@@ -125,6 +133,8 @@ class Augmenter:
         self.space = space or default_space(merge)
         self.uncertainty = _uncertainty(uncertainty, task)
         self.chunk_size = chunk_size
+        class_measures = any(name != "std" for name in self.uncertainty)
+        self._needs_classes = activation == "softmax" and (merge == "vote" or self.space != "raw" or class_measures)
         self.views = expand(self.transforms)
         self._plans: dict[tuple[Size, int | None], list[list[View]]] = {}
 
@@ -194,13 +204,13 @@ class Augmenter:
     def _deaugment(self, view: View, y: Tensor, size: Size) -> Tensor:
         """Map one view's output back to the input's frame, for the task."""
         task = self.task
-        minimum = {"classification": 2 if self.merge == "vote" or self.space != "raw" else 1, "segmentation": 3}
+        minimum = {"classification": 2 if self._needs_classes else 1, "segmentation": 3}
         if task in CLASS_TASKS:
             if y.ndim < minimum[task]:
                 what = "(B, C, H, W) dense" if task == "segmentation" else "(B, C) class"
                 raise ValueError(
-                    f"task={task!r} with merge={self.merge!r}, space={self.space!r} needs {what} outputs; the model "
-                    f"returned shape {tuple(y.shape)}."
+                    f"task={task!r} with merge={self.merge!r}, space={self.space!r}, uncertainty={self.uncertainty} "
+                    f"needs {what} outputs; the model returned shape {tuple(y.shape)}."
                 )
             if task == "segmentation" and view.spatial:
                 y = view.deaugment(y, size)

@@ -76,8 +76,8 @@ class Merger:
     def add(self, ys: Tensor) -> None:
         """Add a stack ``(k, *shape)`` of de-augmented raw outputs (already in the accumulation dtype)."""
         self.count += ys.shape[0]
-        if self.merge == "median":
-            self.stored.append(to_space(ys, self.space, self.activation, 2))
+        if self.merge == "median":  # a copy: ``ys`` may be a view of a buffer the model reuses
+            self.stored.append(to_space(ys, self.space, self.activation, 2).clone())
             return
         if self.merge == "vote":
             classes = ys.shape[2]

@@ -5,6 +5,7 @@ product of their parameters (the last transform varies fastest, as in ttach), on
 """
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -96,8 +97,8 @@ class _ValueTransform(Transform):
 
 
 def _with_identity(identity: Any, values: Sequence[Any]) -> tuple[Any, ...]:
-    values = tuple(values)
-    return values if values and values[0] == identity else (identity, *(v for v in values if v != identity))
+    """``values`` without repeats, identity first."""
+    return tuple(dict.fromkeys((identity, *values)))
 
 
 class Identity(Transform):
@@ -220,7 +221,8 @@ class Scale(_Resampling):
     """Rescaling by factors; the inverse restores the exact original size.
 
     Args:
-        scales: factors, identity ``1.0`` prepended when missing. Default ``(1.0, 0.875, 1.125)``.
+        scales: factors, identity ``1.0`` prepended when missing. Default ``(1.0, 0.875, 1.125)``. The scaled size
+            is ``floor(side * scale)`` (at least 1), as ``interpolate(scale_factor=...)`` and ttach compute it.
         interpolation: ``torch.nn.functional.interpolate`` mode, one of ``nearest``, ``bilinear``, ``bicubic``,
             ``area``. Default ``bilinear`` (ttach: ``nearest``).
     """
@@ -232,7 +234,7 @@ class Scale(_Resampling):
         super().__init__(_with_identity(1.0, [float(s) for s in scales]), interpolation)
 
     def output_size(self, size: Size, param: float) -> Size:
-        return (max(1, round(size[0] * param)), max(1, round(size[1] * param)))
+        return (max(1, math.floor(size[0] * param)), max(1, math.floor(size[1] * param)))
 
 
 class Resize(_Resampling):
@@ -252,7 +254,7 @@ class Resize(_Resampling):
 
 
 def _as_pair(name: str, value: int | Sequence[int]) -> Size:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
         raise ValueError(f"`{name}` entry {value!r} must be a positive int or a pair (H, W) of positive ints.")
     return pair  # type: ignore[return-value]
@@ -292,10 +294,12 @@ CROP_POSITIONS = ("center", "top_left", "top_right", "bottom_left", "bottom_righ
 class FiveCrop(Transform):
     """The center crop and the four corner crops (in that order); no inverse, so classification only.
 
+    The crops are ttach's (center at ``H // 2 - h // 2``); ttach lists the center crop last.
+
     Args:
         size: crop size as ``(H, W)`` or an int in pixels, or a float in ``(0, 1]`` as a fraction of each image side
-            (rounded). Default ``0.875`` (the 224/256 ratio of ImageNet evaluation). The model must accept the
-            smaller input (global pooling).
+            (floored, at least 1). Default ``0.875`` (the 224/256 ratio of ImageNet evaluation). The model must accept
+            the smaller input (global pooling).
     """
 
     def __init__(self, size: float | int | Sequence[int] = 0.875) -> None:
@@ -309,7 +313,7 @@ class FiveCrop(Transform):
 
     def _crop_size(self, size: Size) -> Size:
         if isinstance(self.size, float):
-            return (max(1, round(size[0] * self.size)), max(1, round(size[1] * self.size)))
+            return (max(1, math.floor(size[0] * self.size)), max(1, math.floor(size[1] * self.size)))
         return self.size
 
     def check(self, size: Size, param: str) -> None:
@@ -323,8 +327,8 @@ class FiveCrop(Transform):
     def augment(self, x: Tensor, param: str) -> Tensor:
         height, width = x.shape[-2:]
         h, w = self._crop_size((height, width))
-        top = {"center": (height - h) // 2, "top_left": 0, "top_right": 0}.get(param, height - h)
-        left = {"center": (width - w) // 2, "top_left": 0, "bottom_left": 0}.get(param, width - w)
+        top = {"center": height // 2 - h // 2, "top_left": 0, "top_right": 0}.get(param, height - h)
+        left = {"center": width // 2 - w // 2, "top_left": 0, "bottom_left": 0}.get(param, width - w)
         return F.crop(x, top, left, h, w)
 
 
