@@ -5,11 +5,15 @@ The scripts import this module as ``common`` (they put their own folder first on
 """
 
 import datetime
+import itertools
+import logging
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import lightning
 import lightning.pytorch as pl
@@ -17,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 import ttc_lightning as ttc
+
+Key = TypeVar("Key", bound=Hashable)
 
 
 def cpu_model() -> str:
@@ -40,14 +46,25 @@ def cores() -> int:
 
 
 def setup_threads() -> int:
-    """Set torch's intra-op threads to the usable core count and return it."""
+    """Set torch's intra-op threads to the usable core count, quiet Lightning's info logs, return the count."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     n = cores()
     torch.set_num_threads(n)
     return n
 
 
-def header(title: str, device: str = "cpu") -> str:
-    """A markdown header naming the benchmark, the date and the machine."""
+def load() -> str:
+    """The system load averages, formatted."""
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def header(title: str, device: str = "cpu", load_at_start: str | None = None) -> str:
+    """A markdown header naming the benchmark, the date, the machine and its load (at start, if given, and now)."""
     lines = [
         f"## {title}",
         "",
@@ -55,6 +72,8 @@ def header(title: str, device: str = "cpu") -> str:
         f"- CPU: {cpu_model()}, {cores()} cores, torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, lightning {lightning.__version__}, ttc_lightning {ttc.__version__}, "
         f"Python {platform.python_version()}",
+        f"- load average 1/5/15 min: {load_at_start or '?'} at start, {load()} at end (this run adds up to its thread "
+        "count; beyond that, other processes competed for the cores)",
     ]
     if device.startswith("cuda"):
         lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
@@ -69,7 +88,7 @@ def convnet(downsample: bool = True, classes: int = 10) -> nn.Sequential:
     """
     layers: list[nn.Module] = []
     channels = [3, 32, 64, 128]
-    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
+    for i, (cin, cout) in enumerate(itertools.pairwise(channels)):
         layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
         if downsample and i < 2:
             layers.append(nn.MaxPool2d(2))
@@ -122,15 +141,19 @@ def timed(fn: Callable[[], object], device: str = "cpu") -> float:
     return time.perf_counter() - start
 
 
-def interleaved(configs: dict[str, Callable[[], object]], reps: int, device: str = "cpu") -> dict[str, list[float]]:
-    """Warm every configuration up once, then time them in turn ``reps`` times (A, B, C, A, B, C, ...)."""
-    for fn in configs.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in configs}
+def interleaved(
+    configs: dict[Key, Callable[[], object]], reps: int, device: str = "cpu"
+) -> tuple[dict[Key, list[float]], dict[Key, object]]:
+    """Warm every configuration up once, then time them in turn ``reps`` times (A, B, C, A, B, C, ...).
+
+    Returns the times of each configuration and the result of its warm-up call (for sanity checks).
+    """
+    warm = {name: fn() for name, fn in configs.items()}
+    times: dict[Key, list[float]] = {name: [] for name in configs}
     for _ in range(reps):
         for name, fn in configs.items():
             times[name].append(timed(fn, device))
-    return times
+    return times, warm
 
 
 def median(values: Sequence[float]) -> float:

@@ -1,0 +1,78 @@
+"""Views per forward (``chunk_size``) for d4 test-time augmentation: the measurement behind ``chunk_size="auto"``.
+
+Run: ``.venv/bin/python benchmarks/tta_chunking.py [--reps 7] [--images 256] [--device cpu]``
+
+Times the :class:`~ttc_lightning.Augmenter` core (the code ``TestTimeAugmentation`` runs inside ``predict_step``) on
+the small convnet under ``torch.inference_mode``, with ``chunk_size`` 1, 2, 4 and ``None`` (all 8 d4 views in one
+forward) at batch sizes 8, 64 and 256 on 3x32x32 inputs. Each measurement pushes the same number of images
+(``--images``) through, so rows are comparable; repetitions are interleaved (every batch size and chunk size once
+per repetition) and medians reported, relative to ``chunk_size=1``.
+"""
+
+import argparse
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+from common import convnet, header, interleaved, load, median, setup_threads, table
+from torch import Tensor, nn
+
+import ttc_lightning as ttc
+
+CHUNKS: tuple[int | None, ...] = (1, 2, 4, None)
+BATCHES = (8, 64, 256)
+
+
+def run(augmenter: ttc.Augmenter, net: nn.Module, batches: list[Tensor]) -> None:
+    """Run ``augmenter`` around ``net`` on every batch, discarding the merged outputs."""
+    with torch.inference_mode():
+        for x in batches:
+            augmenter(net, x)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--images", type=int, default=256, help="images per measurement (a multiple of 256)")
+    parser.add_argument("--size", type=int, default=32, help="image side")
+    parser.add_argument("--no-downsample", action="store_true", help="convnet without max-pools (heavier)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    args = parser.parse_args()
+    device, start_load = args.device, load()
+    setup_threads()
+    torch.manual_seed(0)
+    net = convnet(downsample=not args.no_downsample).to(device).eval()
+    shape = (3, args.size, args.size)
+    data = {b: [torch.randn(b, *shape, device=device) for _ in range(args.images // b)] for b in BATCHES}
+    augmenters = {c: ttc.Augmenter(transforms="d4", merge="mean", chunk_size=c) for c in CHUNKS}
+    configs = {(b, c): functools.partial(run, augmenters[c], net, data[b]) for b in BATCHES for c in CHUNKS}
+    times, _ = interleaved(configs, args.reps, device)
+    t = {key: median(values) for key, values in times.items()}
+    best = {key: min(values) for key, values in times.items()}
+
+    print(header("TTA chunking: d4 views per forward", device, start_load))
+    model = "without max-pools" if args.no_downsample else "max-pool after blocks 1-2"
+    print(
+        f"Model: 3 conv blocks (32-64-128, BN+ReLU, {model}), global pool, linear 10; {args.images} images of "
+        f"3x{args.size}x{args.size} per measurement on {device}; Augmenter d4 mean under inference_mode; median "
+        f"(and min) of {args.reps} interleaved repetitions after one warm-up. chunk_size=8 is None (stacked).\n"
+    )
+    names = ["1", "2", "4", "8 (None)"]
+    rows = []
+    for b in BATCHES:
+        base = t[(b, 1)]
+        rows.append(
+            [b, f"{1e3 * base / args.images:.3f}"]
+            + [f"{t[(b, c)] / base:.2f} ({best[(b, c)] / best[(b, 1)]:.2f})" for c in CHUNKS]
+        )
+    print("Time relative to chunk_size=1, median (min in brackets); ms / image is the chunk_size=1 median.\n")
+    print(table(["batch", "ms / image (chunk 1)", *(f"chunk {n}" for n in names)], rows))
+    fastest = {b: min(CHUNKS, key=lambda c, b=b: t[(b, c)]) for b in BATCHES}
+    print("Fastest chunk_size per batch size (median): " + ", ".join(f"{b}: {c}" for b, c in fastest.items()))
+
+
+if __name__ == "__main__":
+    main()
