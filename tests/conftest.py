@@ -50,22 +50,8 @@ class StepRecorder:
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class TinyClassifier(StepRecorder, ttc.TestTimeComputeMixin, L.LightningModule):
-    """Conv classifier with the mixin's ``predict_step``; counts forward calls."""
-
-    def __init__(self, norm: bool = False) -> None:
-        super().__init__()
-        self.net = tiny_net(norm)
-        self.calls = 0
-        self.records: dict[str, list] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.net(x)
-
-
 class PlainClassifier(StepRecorder, L.LightningModule):
-    """The same classifier without the mixin: its ``predict_step`` calls ``self(x)``."""
+    """Conv classifier without the mixin: its ``predict_step`` calls ``self(x)``; counts forward calls."""
 
     def __init__(self, norm: bool = False) -> None:
         super().__init__()
@@ -79,6 +65,10 @@ class PlainClassifier(StepRecorder, L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0])
+
+
+class TinyClassifier(ttc.TestTimeComputeMixin, PlainClassifier):
+    """The same classifier with the mixin's ``predict_step``."""
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import pytest
 import torch
 import ttach
 from torch import nn
+from view_tables import table_tta
 
 import ttc_lightning as ttc
 from ttc_lightning.tta.augmenter import Augmenter
@@ -37,32 +38,6 @@ def image_batch(h: int = 6, w: int = 8, b: int = 3) -> torch.Tensor:
 def ttach_wrapper(model: nn.Module, task: str, transforms: str, merge: str) -> nn.Module:
     cls = ttach.ClassificationTTAWrapper if task == "classification" else ttach.SegmentationTTAWrapper
     return cls(model, TTACH_ALIASES[transforms](), merge_mode=merge)
-
-
-class TableModel(nn.Module):
-    """Returns preset outputs ``table[view, sample]``; the view is read from the pixel value that ``add`` shifted.
-
-    Inputs are ``1000 * sample`` (see :func:`table_input`); view ``v`` of ``Add(range(V))`` adds ``v``.
-    """
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.table = table
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        code = x.reshape(x.shape[0], -1)[:, 0].round().long()
-        return self.table[code % 1000, code // 1000]
-
-
-def table_input(batch: int) -> torch.Tensor:
-    return (1000.0 * torch.arange(batch)).view(batch, 1, 1, 1)
-
-
-def table_tta(table: torch.Tensor, chunk_size=None, **options) -> torch.Tensor:
-    """Merged output of :class:`TableModel` over the ``table.shape[0]`` views of ``Add``."""
-    views = table.shape[0]
-    wrapper = ttc.TTAWrapper(TableModel(table), transforms=ttc.Add(range(views)), chunk_size=chunk_size, **options)
-    return wrapper(table_input(table.shape[1]))
 
 
 def logit_table(views: int = 5, batch: int = 3, classes: int = 4, seed: int = 0, scale: float = 2.0) -> torch.Tensor:

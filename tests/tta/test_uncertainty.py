@@ -4,6 +4,7 @@ import pytest
 import torch
 import ttach
 from torch import nn
+from view_tables import table_tta
 
 import ttc_lightning as ttc
 from ttc_lightning.tta.augmenter import Augmenter
@@ -11,25 +12,6 @@ from ttc_lightning.tta.uncertainty import UNCERTAINTIES, UncertaintyAccumulator
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 CHUNKS = (1, 2, None)
-
-
-class TableModel(nn.Module):
-    """Returns ``table[view, sample]``; inputs are ``1000 * sample`` and view ``v`` of ``Add(range(V))`` adds ``v``."""
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.table = table
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        code = x.reshape(x.shape[0], -1)[:, 0].round().long()
-        return self.table[code % 1000, code // 1000]
-
-
-def table_tta(table: torch.Tensor, chunk_size, **options) -> dict:
-    wrapper = ttc.TTAWrapper(
-        TableModel(table), transforms=ttc.Add(range(table.shape[0])), chunk_size=chunk_size, **options
-    )
-    return wrapper((1000.0 * torch.arange(table.shape[1])).view(-1, 1, 1, 1))
 
 
 def entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
