@@ -144,15 +144,18 @@ def timed(fn: Callable[[], object], device: str = "cpu") -> float:
 def interleaved(
     configs: dict[Key, Callable[[], object]], reps: int, device: str = "cpu"
 ) -> tuple[dict[Key, list[float]], dict[Key, object]]:
-    """Warm every configuration up once, then time them in turn ``reps`` times (A, B, C, A, B, C, ...).
+    """Warm every configuration up once, then time them in turn ``reps`` times, rotating the order each repetition
+    (A, B, C, then B, C, A, ...) so that no configuration always follows the same one (a memory-hungry
+    configuration leaves the allocator and caches in a state that helps or hurts the next).
 
     Returns the times of each configuration and the result of its warm-up call (for sanity checks).
     """
     warm = {name: fn() for name, fn in configs.items()}
     times: dict[Key, list[float]] = {name: [] for name in configs}
-    for _ in range(reps):
-        for name, fn in configs.items():
-            times[name].append(timed(fn, device))
+    names = list(configs)
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            times[name].append(timed(configs[name], device))
     return times, warm
 
 
