@@ -18,10 +18,18 @@ STAGES = ("predict", "test", "validate")
 class _Run:
     """One Trainer stage with strategies applied: snapshots, the installed forward and the per-batch checks."""
 
-    def __init__(self, strategies: Sequence["TestTimeCallback"], module: pl.LightningModule) -> None:
+    def __init__(
+        self, strategies: Sequence["TestTimeCallback"], trainer: pl.Trainer, module: pl.LightningModule, stage: str
+    ) -> None:
         check_roles(strategies)
         self.strategies = strategies
         self.before = ModuleSnapshot.capture(module, tensors=False)
+        # Gradient strategies need the loop out of inference mode; set before the loop runs, restored by finish().
+        loops = {"predict": trainer.predict_loop, "test": trainer.test_loop, "validate": trainer.validate_loop}
+        self.loop = loops[stage]
+        self.inference_mode = self.loop.inference_mode
+        if any(s.needs_grad for s in strategies):
+            self.loop.inference_mode = False
         self.tensors: ModuleSnapshot | None = None
         self.context: Context | None = None
         self.warned = False
@@ -53,6 +61,7 @@ class _Run:
         if self.tensors is not None:
             self.tensors.restore(module)
         self.before.restore(module)
+        self.loop.inference_mode = self.inference_mode
 
 
 class TestTimeCallback(Callback):
@@ -71,7 +80,9 @@ class TestTimeCallback(Callback):
     __test__ = False  # not a pytest test class despite the name
     role: ClassVar[str]
     #: Whether the strategy changes parameters or buffers (a full snapshot is then taken and restored).
-    modifies_model: ClassVar[bool] = False
+    modifies_model: bool = False
+    #: Whether the strategy needs autograd (the Trainer's loop then runs without inference mode).
+    needs_grad: bool = False
 
     def __init__(self, stages: Sequence[str] = ("predict",)) -> None:
         if isinstance(stages, str) or not stages or any(s not in STAGES for s in stages):
@@ -90,7 +101,7 @@ class TestTimeCallback(Callback):
             return
         peers = [cb for cb in trainer.callbacks if isinstance(cb, TestTimeCallback) and stage in cb.stages]
         if peers[0] is self:  # the first strategy of the stage runs the pipeline for all of them
-            self._run = _Run(peers, pl_module)
+            self._run = _Run(peers, trainer, pl_module, stage)
 
     def _start(self, pl_module: pl.LightningModule) -> None:
         if self._run is not None:

@@ -18,12 +18,14 @@ ROLES = ("adaptation", "iterative", "augmentation")
 
 @dataclass
 class Context:
-    """What strategies share during a run: the module, its own forward, and the extras of the latest call."""
+    """What strategies share during a run: the module, its own forward, the extras of the latest call, and the
+    clean-ups to run when the forward is uninstalled (last registered first)."""
 
     module: nn.Module
     base: Forward
     extras: dict[str, Tensor] = field(default_factory=dict)
     calls: int = 0
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Strategy(Protocol):
@@ -74,9 +76,12 @@ def install(module: nn.Module, strategies: Sequence[Strategy]) -> Context:
 
 
 def uninstall(module: nn.Module) -> None:
-    """Remove the composed forward, if any, restoring the module's own."""
-    if isinstance(module.__dict__.get("forward"), ComposedForward):
+    """Remove the composed forward, if any, restoring the module's own, and run the strategies' clean-ups."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, ComposedForward):
         del module.forward
+        while forward.context.cleanups:
+            forward.context.cleanups.pop()()
 
 
 def current_extras(module: nn.Module) -> dict[str, Tensor]:

@@ -1,58 +1,73 @@
-"""Snapshot and bitwise restore of a module's parameters, buffers, modes and ``requires_grad`` flags."""
+"""Snapshot and bitwise restore of a module: parameters, gradients, buffers, modes, flags, ``requires_grad``."""
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+#: Submodule attributes recorded and restored: the mode and the normalisation flags strategies may touch. Other
+#: attributes (a user's counters, caches) are the module's own business and are left as they are.
+ATTRIBUTES = ("training", "track_running_stats", "momentum")
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
 
 @dataclass
 class ModuleSnapshot:
     """What a module looked like at one moment.
 
-    ``tensors`` holds clones of every parameter and buffer (``None`` when not captured, which is cheap and enough
+    ``tensors`` holds clones of every parameter, gradient and buffer (``None`` when not captured: cheap, and enough
     for strategies that never change the model). Buffers that are ``None`` (e.g. dropped running statistics) are
     recorded as such and restored as such.
     """
 
-    modes: dict[str, bool]
+    attributes: dict[str, dict[str, object]]
     requires_grad: dict[str, bool]
     tensors: dict[str, Tensor | None] | None
+    grads: dict[str, Tensor | None] | None
 
     @classmethod
     def capture(cls, module: nn.Module, tensors: bool = True) -> "ModuleSnapshot":
-        """Record ``module``; clone its parameters and buffers only when ``tensors`` is true."""
-        with torch.no_grad():
-            saved = None
-            if tensors:
-                saved = {name: p.detach().clone() for name, p in module.named_parameters(remove_duplicate=False)}
+        """Record ``module``; clone its parameters, gradients and buffers only when ``tensors`` is true."""
+        params = dict(module.named_parameters(remove_duplicate=False))
+        saved = grads = None
+        if tensors:
+            with torch.no_grad():
+                saved = {name: p.detach().clone() for name, p in params.items()}
+                grads = {name: None if p.grad is None else p.grad.detach().clone() for name, p in params.items()}
                 for prefix, sub in module.named_modules(remove_duplicate=False):
                     for name, buffer in sub._buffers.items():
-                        key = f"{prefix}.{name}" if prefix else name
-                        saved[key] = None if buffer is None else buffer.detach().clone()
+                        saved[_key(prefix, name)] = None if buffer is None else buffer.detach().clone()
         return cls(
-            modes={name: sub.training for name, sub in module.named_modules(remove_duplicate=False)},
-            requires_grad={name: p.requires_grad for name, p in module.named_parameters(remove_duplicate=False)},
+            attributes={
+                prefix: {name: vars(sub)[name] for name in ATTRIBUTES if name in vars(sub)}
+                for prefix, sub in module.named_modules(remove_duplicate=False)
+            },
+            requires_grad={name: p.requires_grad for name, p in params.items()},
             tensors=saved,
+            grads=grads,
         )
 
     def restore(self, module: nn.Module) -> None:
-        """Put ``module`` back exactly as captured (values bitwise, modes, ``requires_grad``)."""
-        for name, sub in module.named_modules(remove_duplicate=False):
-            if name in self.modes:
-                sub.training = self.modes[name]
+        """Put ``module`` back exactly as captured (values bitwise, attributes, ``requires_grad``)."""
+        for prefix, sub in module.named_modules(remove_duplicate=False):
+            for name, value in self.attributes.get(prefix, {}).items():
+                object.__setattr__(sub, name, value)
         params = dict(module.named_parameters(remove_duplicate=False))
         for name, flag in self.requires_grad.items():
             params[name].requires_grad_(flag)
-        if self.tensors is None:
+        if self.tensors is None or self.grads is None:
             return
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(self.tensors[name])
-                p.grad = None
+                grad = self.grads.get(name)
+                p.grad = None if grad is None else grad.clone()
             for prefix, sub in module.named_modules(remove_duplicate=False):
                 for name in list(sub._buffers):
-                    key = f"{prefix}.{name}" if prefix else name
+                    key = _key(prefix, name)
                     if key not in self.tensors:
                         continue
                     saved, current = self.tensors[key], sub._buffers[name]
