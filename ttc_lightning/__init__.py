@@ -19,12 +19,16 @@ from ttc_lightning.tta.transforms import (
     register_transform,
 )
 from ttc_lightning.tta.wrapper import TTAWrapper
+from ttc_lightning.ttt.base import TestTimeTraining
+from ttc_lightning.ttt.bn import BatchNormAdapt
+from ttc_lightning.ttt.tent import Tent
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Add",
     "Augmenter",
+    "BatchNormAdapt",
     "FiveCrop",
     "HFlip",
     "Identity",
@@ -33,9 +37,11 @@ __all__ = [
     "Rotate90",
     "Scale",
     "TTAWrapper",
+    "Tent",
     "TestTimeAugmentation",
     "TestTimeCallback",
     "TestTimeComputeMixin",
+    "TestTimeTraining",
     "Transform",
     "Transpose",
     "VFlip",

@@ -1,0 +1,1 @@
+"""Test-time training (adaptation): parameter selection, normalisation statistics, objectives, the callback, presets."""

@@ -1,0 +1,277 @@
+"""``TestTimeTraining``: adapt a model to the test stream inside ``trainer.predict`` (and, on request, test)."""
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from ttc_lightning.callback import TestTimeCallback
+from ttc_lightning.checks import check_choice, check_int
+from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.state import ModuleSnapshot
+from ttc_lightning.ttt.norm import NormStatistics
+from ttc_lightning.ttt.objectives import Loss, Objective, as_loss, resolve_objective
+from ttc_lightning.ttt.params import ParamSpec, select_parameters
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+RESETS = ("never", "batch", "dataloader")
+CLIP_MODES = ("norm", "value")
+#: Smoothing of the loss average that collapse detection watches (SAR's 0.9).
+COLLAPSE_SMOOTHING = 0.9
+
+
+class TestTimeTraining(TestTimeCallback):
+    """Adapts chosen parameters of the model on each test batch by minimising an unsupervised objective.
+
+    Per batch: forward, loss, backward, optimizer step, zero grad, repeated ``steps`` times; the batch's prediction
+    is the output of the last forward, computed before the last update (TENT). Composed with test-time augmentation,
+    the loss stays on the model's own forward and the prediction is the augmented-and-merged forward of the adapted
+    model (one extra forward). Without an ``optimizer`` nothing is trained: only the normalisation statistics adapt.
+
+    After the Trainer stage (or an exception) the model is restored bitwise unless ``keep_adapted=True``. Across
+    processes (DDP) each rank adapts on its own shard of the data.
+
+    Args:
+        optimizer: a factory ``params -> torch.optim.Optimizer`` (``functools.partial(torch.optim.Adam, lr=1e-3)``,
+            Hydra ``_partial_: true``), or ``None`` for statistics-only adaptation. Default ``None``.
+        objective: ``"entropy"`` (mean prediction entropy, TENT) or a callable ``output -> scalar tensor`` (or
+            :class:`~ttc_lightning.ttt.objectives.Loss`). Default ``"entropy"``.
+        params: which parameters adapt (see :func:`~ttc_lightning.ttt.params.select_parameters`): ``"batchnorm"``
+            (affine parameters of the BatchNorm family), ``"groupnorm"``, ``"layernorm"``, ``"instancenorm"``,
+            ``"norm"``, ``"all"``, a module type, ``"re:<pattern>"``, or a list. Default ``"batchnorm"``.
+        norm: BatchNorm statistics policy: ``"batch"``, ``"source"``, ``"mix"``, ``"ema"`` (see
+            :mod:`~ttc_lightning.ttt.norm`). Default ``"batch"``.
+        norm_alpha: source weight for ``norm="mix"``. Default ``0.5``.
+        norm_momentum: batch weight for ``norm="ema"``. Default ``0.1``.
+        steps: updates per batch. Default ``1``.
+        scheduler: a factory ``optimizer -> LR scheduler``, stepped after every update. Default ``None``.
+        clip_grad: gradient clipping threshold, or ``None``. Default ``None``.
+        clip_mode: ``"norm"`` (total L2 norm of the adapted parameters) or ``"value"``. Default ``"norm"``.
+        tol: stop a batch's steps early when the loss changes by less than ``tol`` between steps. Default ``None``.
+        reset: when to restore the source model and a fresh optimizer: ``"never"`` (continual within the stage),
+            ``"batch"`` (episodic), ``"dataloader"`` (at each new predict dataloader), or an int ``N`` (every ``N``
+            updates). Default ``"never"``.
+        reset_on_collapse: reset when the running average (smoothing 0.9) of the loss falls below this value
+            (collapse of the predictions to one class drives the entropy to zero; SAR uses 0.2). Default ``None``.
+        keep_adapted: keep the adapted parameters after the stage instead of restoring the source model.
+            Default ``False``.
+        stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
+
+    A batch whose loss or gradients are not finite is not used for an update (the model is untouched) and counted in
+    :attr:`skipped`. Figures of the stage so far: :attr:`last_loss`, :attr:`updates`, :attr:`resets`,
+    :attr:`skipped`, :attr:`kept_fraction` (filtering objectives).
+    """
+
+    role: ClassVar[str] = "adaptation"
+
+    def __init__(
+        self,
+        optimizer: OptimizerFactory | None = None,
+        objective: str | Objective = "entropy",
+        params: ParamSpec = "batchnorm",
+        norm: str = "batch",
+        norm_alpha: float = 0.5,
+        norm_momentum: float = 0.1,
+        steps: int = 1,
+        scheduler: SchedulerFactory | None = None,
+        clip_grad: float | None = None,
+        clip_mode: str = "norm",
+        tol: float | None = None,
+        reset: str | int = "never",
+        reset_on_collapse: float | None = None,
+        keep_adapted: bool = False,
+        stages: Sequence[str] = ("predict",),
+    ) -> None:
+        super().__init__(stages=stages)
+        if optimizer is not None and not callable(optimizer):
+            raise TypeError(
+                f"`optimizer` must be a factory params -> Optimizer (functools.partial); got {optimizer!r}."
+            )
+        self.steps = check_int("steps", steps, 1)
+        if isinstance(reset, str):
+            check_choice("reset", reset, RESETS)
+        else:
+            check_int("reset", reset, 1)
+        check_choice("clip_mode", clip_mode, CLIP_MODES)
+        for name, value in (("clip_grad", clip_grad), ("tol", tol), ("reset_on_collapse", reset_on_collapse)):
+            if value is not None and not (isinstance(value, int | float) and value >= 0):
+                raise ValueError(f"`{name}`={value!r} must be a non-negative number or None.")
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.objective = resolve_objective(objective)
+        self.params = params
+        self.norm = NormStatistics(norm, norm_alpha, norm_momentum)
+        self.clip_grad, self.clip_mode, self.tol = clip_grad, clip_mode, tol
+        self.reset_policy, self.reset_on_collapse = reset, reset_on_collapse
+        self.keep_adapted = keep_adapted
+        self.needs_grad = optimizer is not None
+        self.modifies_model = not keep_adapted
+        self._dataloader_idx = 0
+        self._clear_figures()
+
+    def _clear_figures(self) -> None:
+        self.last_loss = math.nan
+        self.updates = self.resets = self.skipped = 0
+        self.kept_fraction = math.nan
+        self._loss_average: float | None = None
+        self._updates_since_reset = self._batches_since_reset = 0
+        self._last_dataloader: int | None = None
+
+    def wrap(self, inner: Forward, context: Context) -> Forward:
+        module = context.module
+        self._clear_figures()
+        context.cleanups.append(self.norm.apply(module))
+        self._params: list[nn.Parameter] = []
+        if self.optimizer_factory is not None:
+            chosen = select_parameters(module, self.params)
+            low = sorted(name for name, p in chosen.items() if p.dtype in (torch.float16, torch.bfloat16))
+            if low:
+                raise ValueError(
+                    f"Test-time training cannot update low-precision parameters ({low[0]} is "
+                    f"{chosen[low[0]].dtype}); use precision='bf16-mixed' or '16-mixed' instead of a '-true' one."
+                )
+            module.requires_grad_(False)
+            self._params = [p.requires_grad_(True) for p in chosen.values()]
+        self._module = module
+        self._source = ModuleSnapshot.capture(module)  # the state resets return to
+        self._new_optimizer()
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            self._maybe_reset()
+            self._batches_since_reset += 1
+            if isinstance(x, Tensor) and x.is_inference():
+                x = x.clone()
+            if self.optimizer_factory is None:
+                with torch.no_grad():
+                    return inner(x, *args, **kwargs)
+            with torch.enable_grad():
+                output = self._adapt(context.base, x, args, kwargs)
+            if inner is context.base:
+                return output
+            with torch.no_grad():
+                return inner(x, *args, **kwargs)
+
+        return forward
+
+    def _new_optimizer(self) -> None:
+        self._optimizer = self._scheduler = None
+        if self.optimizer_factory is None:
+            return
+        try:
+            self._optimizer = self.optimizer_factory(self._params)
+        except Exception as error:
+            raise ValueError(
+                f"`optimizer` factory {self.optimizer_factory!r} failed on the {len(self._params)} adapted "
+                f"parameters: {error}"
+            ) from error
+        if not isinstance(self._optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` factory returned {type(self._optimizer).__name__}, not a torch Optimizer.")
+        if self.scheduler_factory is not None:
+            self._scheduler = self.scheduler_factory(self._optimizer)
+
+    def _adapt(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> Any:
+        """``steps`` updates on the batch; returns the last forward's output (before the last update), detached."""
+        assert self._optimizer is not None
+        previous = None
+        for _ in range(self.steps):
+            output = forward(x, *args, **kwargs)
+            loss = as_loss(self.objective(output))
+            if loss.kept is not None:
+                self.kept_fraction = loss.kept.float().mean().item()
+            value = loss.value.detach().item()
+            if math.isfinite(value):
+                self._step(loss)
+            else:
+                self._skip("loss")
+            self.last_loss = value
+            if self.tol is not None and previous is not None and abs(previous - value) < self.tol:
+                break
+            previous = value
+        return output.detach() if isinstance(output, Tensor) else output
+
+    def _step(self, loss: Loss) -> None:
+        assert self._optimizer is not None
+        if loss.value.requires_grad:
+            loss.value.backward()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            self._optimizer.zero_grad(set_to_none=True)
+            self._skip("gradients")
+            return
+        if self.clip_grad is not None:
+            clip = nn.utils.clip_grad_norm_ if self.clip_mode == "norm" else nn.utils.clip_grad_value_
+            clip(self._params, self.clip_grad)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._scheduler is not None:
+            self._scheduler.step()
+        self.updates += 1
+        self._updates_since_reset += 1
+        value = loss.value.detach().item()
+        self._loss_average = (
+            value
+            if self._loss_average is None
+            else COLLAPSE_SMOOTHING * self._loss_average + (1 - COLLAPSE_SMOOTHING) * value
+        )
+
+    def _skip(self, what: str) -> None:
+        assert self._optimizer is not None
+        self._optimizer.zero_grad(set_to_none=True)
+        if self.skipped == 0:
+            rank_zero_warn(
+                f"{type(self).__name__}: non-finite {what} on a batch; skipped its update (model untouched)."
+            )
+        self.skipped += 1
+
+    def _maybe_reset(self) -> None:
+        policy = self.reset_policy
+        new_loader = self._last_dataloader is not None and self._dataloader_idx != self._last_dataloader
+        self._last_dataloader = self._dataloader_idx
+        due = (
+            (policy == "batch" and self._batches_since_reset > 0)
+            or (policy == "dataloader" and new_loader)
+            or (isinstance(policy, int) and self._updates_since_reset >= policy)
+            or (
+                self.reset_on_collapse is not None
+                and self._loss_average is not None
+                and self._loss_average < self.reset_on_collapse
+            )
+        )
+        if due:
+            self.reset()
+
+    def reset(self) -> None:
+        """Restore the model to the state it had when this stage started and start a fresh optimizer.
+
+        Only during a stage (between its start and end); outside one there is nothing adapted to reset.
+        """
+        if getattr(self, "_source", None) is None:
+            raise RuntimeError(f"{type(self).__name__}.reset() works during a Trainer stage in which it adapts.")
+        self._source.restore(self._module)
+        self._new_optimizer()
+        self._updates_since_reset = self._batches_since_reset = 0
+        self._loss_average = None
+        self.resets += 1
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._dataloader_idx = dataloader_idx
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._dataloader_idx = dataloader_idx
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._dataloader_idx = dataloader_idx

@@ -1,0 +1,42 @@
+"""``BatchNormAdapt``: statistics-only test-time adaptation of BatchNorm layers."""
+
+from collections.abc import Sequence
+
+from ttc_lightning.ttt.base import TestTimeTraining
+
+
+class BatchNormAdapt(TestTimeTraining):
+    """Normalises with test-batch statistics instead of the training ones; no gradients, no parameter updates.
+
+    The "BN-adapt" baseline of TENT (Wang et al. 2021) and of Schneider et al. (2020), Nado et al. (2020).
+
+    Args:
+        norm: ``"batch"`` (the current batch's statistics), ``"mix"`` (``alpha * source + (1 - alpha) * batch``;
+            Schneider et al.'s prior strength ``N`` gives ``alpha = N / (N + batch_size)``) or ``"ema"``
+            (running statistics updated with ``momentum`` and carried over). Default ``"batch"``.
+        alpha: source weight for ``mix``. Default ``0.5``.
+        momentum: batch weight for ``ema``. Default ``0.1``.
+        keep_adapted: keep the adapted statistics (``ema``) after the stage. Default ``False``.
+        stages: Trainer stages to act in. Default ``("predict",)``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[ttc.BatchNormAdapt()])
+    """
+
+    def __init__(
+        self,
+        norm: str = "batch",
+        alpha: float = 0.5,
+        momentum: float = 0.1,
+        keep_adapted: bool = False,
+        stages: Sequence[str] = ("predict",),
+    ) -> None:
+        super().__init__(
+            optimizer=None,
+            norm=norm,
+            norm_alpha=alpha,
+            norm_momentum=momentum,
+            keep_adapted=keep_adapted,
+            stages=stages,
+        )
