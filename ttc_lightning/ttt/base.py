@@ -65,7 +65,10 @@ class TestTimeTraining(TestTimeCallback):
 
     A batch whose loss or gradients are not finite is not used for an update (the model is untouched) and counted in
     :attr:`skipped`. Figures of the stage so far: :attr:`last_loss`, :attr:`updates`, :attr:`resets`,
-    :attr:`skipped`, :attr:`kept_fraction` (filtering objectives).
+    :attr:`skipped`, :attr:`backwards` (backward passes), :attr:`kept_fraction` (filtering objectives).
+
+    Presets change the step through :meth:`loss`, :meth:`apply_gradients`, :meth:`after_update`, :meth:`predict`
+    and :meth:`reset_state`.
     """
 
     role: ClassVar[str] = "adaptation"
@@ -116,7 +119,7 @@ class TestTimeTraining(TestTimeCallback):
 
     def _clear_figures(self) -> None:
         self.last_loss = math.nan
-        self.updates = self.resets = self.skipped = 0
+        self.updates = self.resets = self.skipped = self.backwards = 0
         self.kept_fraction = math.nan
         self._loss_average: float | None = None
         self._updates_since_reset = self._batches_since_reset = 0
@@ -151,10 +154,7 @@ class TestTimeTraining(TestTimeCallback):
                     return inner(x, *args, **kwargs)
             with torch.enable_grad():
                 output = self._adapt(context.base, x, args, kwargs)
-            if inner is context.base:
-                return output
-            with torch.no_grad():
-                return inner(x, *args, **kwargs)
+            return self.predict(inner, context, x, args, kwargs, output)
 
         return forward
 
@@ -175,17 +175,17 @@ class TestTimeTraining(TestTimeCallback):
             self._scheduler = self.scheduler_factory(self._optimizer)
 
     def _adapt(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> Any:
-        """``steps`` updates on the batch; returns the last forward's output (before the last update), detached."""
-        assert self._optimizer is not None
+        """``steps`` updates on the batch; returns the output :meth:`loss` returned last, detached."""
         previous = None
         for _ in range(self.steps):
-            output = forward(x, *args, **kwargs)
-            loss = as_loss(self.objective(output))
+            loss, output = self.loss(forward, x, args, kwargs)
+            value = loss.value.detach().item()
             if loss.kept is not None:
                 self.kept_fraction = loss.kept.float().mean().item()
-            value = loss.value.detach().item()
-            if math.isfinite(value):
-                self._step(loss)
+            if loss.kept is not None and not loss.kept.any():
+                value = math.nan  # nothing passed the filters: no backward pass, no update
+            elif math.isfinite(value):
+                value = self._step(loss, lambda: self.loss(forward, x, args, kwargs)[0])
             else:
                 self._skip("loss")
             self.last_loss = value
@@ -194,15 +194,14 @@ class TestTimeTraining(TestTimeCallback):
             previous = value
         return output.detach() if isinstance(output, Tensor) else output
 
-    def _step(self, loss: Loss) -> None:
+    def _step(self, loss: Loss, recompute: Callable[[], Loss]) -> float:
+        """Backward, check, clip, step; returns the loss value the update used (NaN when skipped)."""
         assert self._optimizer is not None
-        if loss.value.requires_grad:
-            loss.value.backward()
+        value = self.apply_gradients(loss, recompute)
         grads = [p.grad for p in self._params if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
-            self._optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(value) or (grads and not all(torch.isfinite(g).all() for g in grads)):
             self._skip("gradients")
-            return
+            return math.nan
         if self.clip_grad is not None:
             clip = nn.utils.clip_grad_norm_ if self.clip_mode == "norm" else nn.utils.clip_grad_value_
             clip(self._params, self.clip_grad)
@@ -212,12 +211,43 @@ class TestTimeTraining(TestTimeCallback):
             self._scheduler.step()
         self.updates += 1
         self._updates_since_reset += 1
-        value = loss.value.detach().item()
         self._loss_average = (
             value
             if self._loss_average is None
             else COLLAPSE_SMOOTHING * self._loss_average + (1 - COLLAPSE_SMOOTHING) * value
         )
+        self.after_update()
+        return value
+
+    # Extension points for presets.
+
+    def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
+        """One step's loss and the output the batch's prediction comes from: the objective on ``forward(x)``."""
+        output = forward(x, *args, **kwargs)
+        return as_loss(self.objective(output)), output
+
+    def apply_gradients(self, loss: Loss, recompute: Callable[[], Loss]) -> float:
+        """Fill the adapted parameters' gradients for the update; return the loss value to record.
+
+        ``recompute`` gives the loss again at the current parameters (sharpness-aware steps perturb, then call it).
+        """
+        self.backwards += 1
+        loss.value.backward()
+        return loss.value.detach().item()
+
+    def after_update(self) -> None:
+        """Called after every optimizer step (teacher updates, stochastic restore)."""
+
+    def predict(self, inner: Forward, context: Context, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Any:
+        """The batch's prediction after adaptation: ``output`` alone, or the inner strategies' forward (e.g. test-time
+        augmentation) of the adapted model."""
+        if inner is context.base:
+            return output
+        with torch.no_grad():
+            return inner(x, *args, **kwargs)
+
+    def reset_state(self) -> None:
+        """Clear the preset's own state on :meth:`reset` (moving averages, teachers)."""
 
     def _skip(self, what: str) -> None:
         assert self._optimizer is not None
@@ -256,6 +286,7 @@ class TestTimeTraining(TestTimeCallback):
         self._new_optimizer()
         self._updates_since_reset = self._batches_since_reset = 0
         self._loss_average = None
+        self.reset_state()
         self.resets += 1
 
     @override
