@@ -21,11 +21,15 @@ from ttc_lightning.tta.transforms import (
 from ttc_lightning.tta.wrapper import TTAWrapper
 from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.bn import BatchNormAdapt
+from ttc_lightning.ttt.eata import EATA
+from ttc_lightning.ttt.sar import SAR
 from ttc_lightning.ttt.tent import Tent
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EATA",
+    "SAR",
     "Add",
     "Augmenter",
     "BatchNormAdapt",

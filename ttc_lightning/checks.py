@@ -15,3 +15,10 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{name}`={value!r} must be an integer >= {minimum}.")
     return value
+
+
+def check_positive(name: str, value: Any, hint: str = "") -> float:
+    """Return ``value`` if it is a positive number; raise ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"`{name}`={value!r} must be a positive number{hint}.")
+    return float(value)

@@ -198,6 +198,9 @@ class TestTimeTraining(TestTimeCallback):
         """Backward, check, clip, step; returns the loss value the update used (NaN when skipped)."""
         assert self._optimizer is not None
         value = self.apply_gradients(loss, recompute)
+        if value is None:  # the preset decided against an update
+            self._optimizer.zero_grad(set_to_none=True)
+            return math.nan
         grads = [p.grad for p in self._params if p.grad is not None]
         if not math.isfinite(value) or (grads and not all(torch.isfinite(g).all() for g in grads)):
             self._skip("gradients")
@@ -226,8 +229,9 @@ class TestTimeTraining(TestTimeCallback):
         output = forward(x, *args, **kwargs)
         return as_loss(self.objective(output)), output
 
-    def apply_gradients(self, loss: Loss, recompute: Callable[[], Loss]) -> float:
-        """Fill the adapted parameters' gradients for the update; return the loss value to record.
+    def apply_gradients(self, loss: Loss, recompute: Callable[[], Loss]) -> float | None:
+        """Fill the adapted parameters' gradients for the update; return the loss value to record, or ``None`` for
+        no update.
 
         ``recompute`` gives the loss again at the current parameters (sharpness-aware steps perturb, then call it).
         """

@@ -1,0 +1,107 @@
+"""``SAR``: sharpness-aware and reliable entropy minimisation (Niu et al., ICLR 2023)."""
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ttc_lightning.checks import check_positive
+from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.objectives import Loss, entropy
+from ttc_lightning.ttt.params import ParamSpec
+
+
+class ReliableEntropy:
+    """Mean entropy of the samples whose entropy is below ``e_margin * ln C`` (SAR's reliable-sample filter).
+
+    Args:
+        e_margin: threshold as a fraction of ``ln C``. Default ``0.4``.
+    """
+
+    def __init__(self, e_margin: float = 0.4) -> None:
+        self.e_margin = check_positive("e_margin", e_margin, " (a fraction of ln C)")
+        #: Samples allowed at all (SAR's second pass only considers those kept by the first).
+        self.restrict: Tensor | None = None
+
+    def __call__(self, output: Tensor) -> Loss:
+        ent = entropy(output)
+        kept = ent.detach() < self.e_margin * math.log(output.shape[1])
+        if self.restrict is not None:
+            kept &= self.restrict
+        return Loss(ent[kept].mean(), kept)
+
+
+class SAR(TestTimeTraining):
+    """SAR: reliable-sample entropy minimisation with a sharpness-aware (SAM) step and reset on collapse.
+
+    Per batch: entropy of the samples under the threshold ``e_margin * ln C``; backward; the adapted parameters are
+    moved to ``theta + rho * g / ||g||``; the entropy is recomputed there on the samples that passed the first filter
+    and pass it again; its gradient updates the original parameters. When the running average (0.9) of the second
+    loss falls below ``reset_below`` the model resets to the source (collapse). The prediction is the first
+    forward's output, before the update. Stable at batch size 1 with GroupNorm/LayerNorm models (use ``params="norm"``).
+
+    Args:
+        optimizer: base optimizer factory. Default ``functools.partial(torch.optim.SGD, lr=0.00025, momentum=0.9)``
+            (the paper's setting at batch size 64).
+        rho: SAM neighbourhood radius. Default ``0.05``.
+        e_margin: entropy threshold as a fraction of ``ln C``. Default ``0.4``.
+        reset_below: collapse threshold on the loss average. Default ``0.2``.
+        steps: updates per batch. Default ``1``.
+        episodic: reset before every batch. Default ``False``.
+        params: which parameters adapt. Default ``"norm"`` (BatchNorm, GroupNorm, LayerNorm affine parameters; the
+            paper also freezes the deepest blocks, which is model-specific: pass a list or ``"re:<pattern>"``).
+        keep_adapted: keep the adapted parameters after the stage. Default ``False``.
+        stages: Trainer stages to act in. Default ``("predict",)``.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.00025, momentum=0.9),  # noqa: B008
+        rho: float = 0.05,
+        e_margin: float = 0.4,
+        reset_below: float = 0.2,
+        steps: int = 1,
+        episodic: bool = False,
+        params: ParamSpec = "norm",
+        keep_adapted: bool = False,
+        stages: Sequence[str] = ("predict",),
+    ) -> None:
+        self.reliable = ReliableEntropy(e_margin)
+        super().__init__(
+            optimizer=optimizer,
+            objective=self.reliable,
+            params=params,
+            norm="batch",
+            steps=steps,
+            reset="batch" if episodic else "never",
+            reset_on_collapse=reset_below,
+            keep_adapted=keep_adapted,
+            stages=stages,
+        )
+        self.rho = check_positive("rho", rho)
+
+    def apply_gradients(self, loss: Loss, recompute: Callable[[], Loss]) -> float | None:
+        """SAM: gradient at ``theta + rho * g / ||g||`` on the samples kept at ``theta`` and again there."""
+        assert loss.kept is not None
+        super().apply_gradients(loss, recompute)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        scale = self.rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) + 1e-12)
+        originals = [p.detach().clone() for p in self._params]
+        with torch.no_grad():
+            for p, g in zip(self._params, grads, strict=True):
+                p.add_(g * scale)
+                p.grad = None
+        self.reliable.restrict = loss.kept
+        try:
+            second = recompute()
+        finally:
+            self.reliable.restrict = None
+        value = None  # no sample passes the second filter: no update
+        if second.kept is not None and second.kept.any():
+            value = super().apply_gradients(second, recompute)
+        with torch.no_grad():
+            for p, original in zip(self._params, originals, strict=True):
+                p.copy_(original)
+        return value
