@@ -3,6 +3,7 @@
 from ttc_lightning.callback import TestTimeCallback
 from ttc_lightning.mixin import TestTimeComputeMixin
 from ttc_lightning.tta.augmenter import Augmenter
+from ttc_lightning.tta.augmix import RandomAugment
 from ttc_lightning.tta.callback import TestTimeAugmentation
 from ttc_lightning.tta.transforms import (
     Add,
@@ -21,7 +22,9 @@ from ttc_lightning.tta.transforms import (
 from ttc_lightning.tta.wrapper import TTAWrapper
 from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.bn import BatchNormAdapt
+from ttc_lightning.ttt.cotta import CoTTA
 from ttc_lightning.ttt.eata import EATA
+from ttc_lightning.ttt.memo import MEMO
 from ttc_lightning.ttt.sar import SAR
 from ttc_lightning.ttt.tent import Tent
 
@@ -29,14 +32,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EATA",
+    "MEMO",
     "SAR",
     "Add",
     "Augmenter",
     "BatchNormAdapt",
+    "CoTTA",
     "FiveCrop",
     "HFlip",
     "Identity",
     "Multiply",
+    "RandomAugment",
     "Resize",
     "Rotate90",
     "Scale",

@@ -48,7 +48,9 @@ def _uncertainty(value: bool | str | Sequence[str] | None, task: str) -> tuple[s
     return names
 
 
-def _repeat_batch_first(value: Any, batch: int, times: int) -> Any:
+def repeat_batch_first(value: Any, batch: int, times: int) -> Any:
+    """``value`` repeated ``times`` along dim 0 if it is a tensor with ``batch`` rows (a batch-first forward
+    argument that must follow stacked views); anything else unchanged."""
     if times > 1 and isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch:
         return value.repeat(times, *([1] * (value.ndim - 1)))
     return value
@@ -174,8 +176,8 @@ class Augmenter:
         for views in self.plan(size, chunk):  # type: ignore[arg-type]
             k = len(views)
             inputs = torch.cat([view.augment(x) for view in views]) if k > 1 else views[0].augment(x)
-            extra = [_repeat_batch_first(a, batch, k) for a in args]
-            named = {name: _repeat_batch_first(v, batch, k) for name, v in kwargs.items()}
+            extra = [repeat_batch_first(a, batch, k) for a in args]
+            named = {name: repeat_batch_first(v, batch, k) for name, v in kwargs.items()}
             ys = forward(inputs, *extra, **named)
             if not isinstance(ys, Tensor) or ys.ndim == 0 or ys.shape[0] != k * batch:
                 got = f"shape {tuple(ys.shape)}" if isinstance(ys, Tensor) else type(ys).__name__

@@ -1,25 +1,26 @@
 """Which statistics BatchNorm layers normalise with during test-time training.
 
-Policies (applied with forward pre-hooks on every BatchNorm-family layer that tracks running statistics; the layers
-stay in eval mode, so dropout and the rest of the model are untouched):
+Policies (each BatchNorm-family layer that tracks running statistics gets a replacement ``forward`` for the run;
+the layers stay in eval mode, so dropout and the rest of the model are untouched):
 
 * ``source``: the running statistics learned in training (nothing changes).
-* ``batch``: the current batch's mean and (biased) variance, as in TENT (train-mode BatchNorm without running
-  statistics). Gradients flow through them.
+* ``batch``: the current batch's mean and (biased) variance, exactly as train-mode BatchNorm without running
+  statistics does (TENT). Gradients flow through them; the running statistics are left alone.
 * ``mix``: ``alpha * source + (1 - alpha) * batch`` (Schneider et al. 2020; ``alpha = N / (N + n)`` for a prior
   strength ``N`` and batch size ``n``).
 * ``ema``: running statistics updated as ``(1 - momentum) * running + momentum * batch`` and used at once; they
-  carry over from batch to batch (continual adaptation).
+  carry over from batch to batch (continual adaptation) and are restored with the model unless the adapted state
+  is kept.
 
-A batch with a single value per channel (batch size 1 in ``BatchNorm1d``) has no batch variance: ``batch`` and
-``mix`` use the source statistics for it and ``ema`` leaves the running statistics unchanged. A batch with
-non-finite values never enters the ``ema`` statistics. At the end of the run (cleanup) ``batch`` and ``mix`` put the
-source statistics back; ``ema`` leaves its statistics (restored with the model unless the adapted state is kept).
+A batch with a single value per channel (batch size 1 in ``BatchNorm1d``) has no batch variance: every policy
+uses the running statistics for it (the source ones for ``batch`` and ``mix``). A batch with non-finite values
+never enters the ``ema`` statistics.
 """
 
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttc_lightning.checks import check_choice
@@ -27,12 +28,12 @@ from ttc_lightning.checks import check_choice
 NORM_POLICIES = ("source", "batch", "mix", "ema")
 
 
-def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor] | None:
-    dims = [0, *range(2, x.ndim)]
-    if x.numel() // x.shape[1] < 2:
-        return None
-    x = x.float()
-    return x.mean(dims), x.var(dims, unbiased=False)
+def _normalise(x: Tensor, mean: Tensor, var: Tensor, m: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    out = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
+    if m.weight is not None:
+        out = out * m.weight.view(shape) + m.bias.view(shape)
+    return out.to(x.dtype)
 
 
 class NormStatistics:
@@ -59,34 +60,32 @@ class NormStatistics:
         layers = [
             m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
         ]
-        sources = {m: (m.running_mean.detach().clone(), m.running_var.detach().clone()) for m in layers}
-        handles = [m.register_forward_pre_hook(self._hook(sources[m])) for m in layers]
+        for m in layers:
+            m.forward = self._forward(m)
 
         def cleanup() -> None:
-            for handle in handles:
-                handle.remove()
-            for m, (mean, var) in sources.items():
-                if self.policy == "ema":  # keep the adapted statistics, without their autograd history
-                    mean, var = m.running_mean, m.running_var
-                m.running_mean, m.running_var = mean.detach().clone(), var.detach().clone()
+            for m in layers:
+                del m.forward
 
         return cleanup
 
-    def _hook(self, source: tuple[Tensor, Tensor]) -> Callable[[nn.Module, tuple], None]:
-        def hook(m: nn.Module, args: tuple) -> None:
-            stats = _batch_stats(args[0])
+    def _forward(self, m: nn.modules.batchnorm._BatchNorm) -> Callable[[Tensor], Tensor]:
+        def forward(x: Tensor) -> Tensor:
+            dims = [0, *range(2, x.ndim)]
+            if x.numel() // x.shape[1] < 2:  # no batch variance: running statistics
+                return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+            if self.policy == "batch":
+                return F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+            mean, var = x.float().mean(dims), x.float().var(dims, unbiased=False)
+            weight = self.alpha if self.policy == "mix" else 1 - self.momentum
+            mean = weight * m.running_mean + (1 - weight) * mean
+            var = weight * m.running_var + (1 - weight) * var
             if self.policy == "ema":
-                if stats is None or not all(torch.isfinite(s).all() for s in stats):
-                    return
-                mean = (1 - self.momentum) * m.running_mean.detach() + self.momentum * stats[0]
-                var = (1 - self.momentum) * m.running_var.detach() + self.momentum * stats[1]
-            elif stats is None:
-                mean, var = source
-            elif self.policy == "batch":
-                mean, var = stats
-            else:
-                mean = self.alpha * source[0] + (1 - self.alpha) * stats[0]
-                var = self.alpha * source[1] + (1 - self.alpha) * stats[1]
-            m.running_mean, m.running_var = mean.to(source[0].dtype), var.to(source[1].dtype)
+                if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+                    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+                with torch.no_grad():
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+            return _normalise(x, mean, var, m)
 
-        return hook
+        return forward

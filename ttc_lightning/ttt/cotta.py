@@ -1,0 +1,114 @@
+"""``CoTTA``: continual test-time adaptation (Wang, Fink, Van Gool and Dai, CVPR 2022)."""
+
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ttc_lightning.checks import check_int
+from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.tta.augmix import RandomAugment
+from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.objectives import Loss
+from ttc_lightning.ttt.params import ParamSpec
+
+
+@contextmanager
+def swapped(params: Sequence[nn.Parameter], values: Sequence[Tensor]) -> Iterator[None]:
+    """Run with ``params`` holding ``values`` (no copy: their storage is exchanged and put back)."""
+    saved = [p.data for p in params]
+    for p, value in zip(params, values, strict=True):
+        p.data = value
+    try:
+        yield
+    finally:
+        for p, data in zip(params, saved, strict=True):
+            p.data = data
+
+
+class CoTTA(TestTimeTraining):
+    """CoTTA: a student trained on an EMA teacher's (augmentation-averaged) predictions, with stochastic restore.
+
+    Per batch, as in the authors' code: the source model's mean top-1 confidence on the batch decides whether the
+    teacher's target is its plain output (confidence ``>= anchor_threshold``) or the mean of its logits over
+    ``views`` random augmentations; the student minimises the cross entropy ``-(softmax(target) *
+    log_softmax(student)).sum(1)`` averaged over the batch; after the step the teacher's parameters move as
+    ``ema * teacher + (1 - ema) * student`` and each adapted element of the student returns to its source value with
+    probability ``restore_prob``. The prediction is the teacher's output (computed before its update).
+    All BatchNorm layers (student, teacher, source) normalise with batch statistics.
+
+    Args:
+        optimizer: optimizer factory. Default ``functools.partial(torch.optim.Adam, lr=1e-3)`` (CIFAR setting).
+        ema: teacher momentum. Default ``0.999``.
+        restore_prob: stochastic-restore probability. Default ``0.01``.
+        anchor_threshold: source-confidence threshold below which the teacher averages augmentations. Default
+            ``0.92`` (CIFAR-10; the paper uses 0.72 for CIFAR-100, 0.1 for ImageNet).
+        views: augmentations averaged by the teacher. Default ``32``.
+        augment: the random augmentation. Default ``RandomAugment()`` (seed 0 + rank).
+        params: which parameters adapt. Default ``"all"``.
+        steps: updates per batch. Default ``1``.
+        keep_adapted: keep the adapted (student) parameters after the stage. Default ``False``.
+        stages: Trainer stages to act in. Default ``("predict",)``.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3),  # noqa: B008
+        ema: float = 0.999,
+        restore_prob: float = 0.01,
+        anchor_threshold: float = 0.92,
+        views: int = 32,
+        augment: RandomAugment | None = None,
+        params: ParamSpec = "all",
+        steps: int = 1,
+        keep_adapted: bool = False,
+        stages: Sequence[str] = ("predict",),
+    ) -> None:
+        super().__init__(
+            optimizer=optimizer, params=params, norm="batch", steps=steps, keep_adapted=keep_adapted, stages=stages
+        )
+        for name, value in (("ema", ema), ("restore_prob", restore_prob), ("anchor_threshold", anchor_threshold)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"`{name}`={value!r} must lie in [0, 1].")
+        self.ema, self.restore_prob, self.anchor_threshold = ema, restore_prob, anchor_threshold
+        self.views = check_int("views", views, 1)
+        self.augment = augment or RandomAugment()
+
+    def wrap(self, inner: Forward, context: Context) -> Forward:
+        forward = super().wrap(inner, context)
+        self.reset_state()
+        return forward
+
+    def reset_state(self) -> None:
+        self.source = [p.detach().clone() for p in self._params]
+        self.teacher = [p.detach().clone() for p in self._params]
+        self.anchor_confidence = float("nan")
+
+    def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
+        with torch.no_grad():
+            with swapped(self._params, self.source):
+                self.anchor_confidence = forward(x, *args, **kwargs).softmax(1).amax(1).mean().item()
+            with swapped(self._params, self.teacher):
+                target = forward(x, *args, **kwargs)
+                if self.anchor_confidence < self.anchor_threshold:
+                    target = torch.stack([forward(self.augment(x), *args, **kwargs) for _ in range(self.views)]).mean(0)
+        student = forward(x, *args, **kwargs)
+        loss = -(target.softmax(1) * student.log_softmax(1)).sum(1).mean()
+        return Loss(loss), target
+
+    def after_update(self) -> None:
+        rng = self.augment.rng()
+        with torch.no_grad():
+            for p, teacher, source in zip(self._params, self.teacher, self.source, strict=True):
+                teacher.mul_(self.ema).add_(p.detach(), alpha=1 - self.ema)
+                mask = (torch.rand(p.shape, generator=rng) < self.restore_prob).to(p.device)
+                p.copy_(torch.where(mask, source, p))
+
+    def predict(self, inner: Forward, context: Context, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Any:
+        if inner is context.base:
+            return output
+        with torch.no_grad(), swapped(self._params, self.teacher):
+            return inner(x, *args, **kwargs)
