@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ttc_lightning.pipeline import Context, Forward, check_roles, install, uninstall
+from ttc_lightning.progress import show, summarise
 from ttc_lightning.state import ModuleSnapshot
 
 #: Trainer stages a strategy can act in.
@@ -26,7 +27,7 @@ class _Run:
         self.before = ModuleSnapshot.capture(module, tensors=False)
         # Gradient strategies need the loop out of inference mode; set before the loop runs, restored by finish().
         loops = {"predict": trainer.predict_loop, "test": trainer.test_loop, "validate": trainer.validate_loop}
-        self.loop = loops[stage]
+        self.loop, self.stage, self.batches = loops[stage], stage, 0
         self.inference_mode = self.loop.inference_mode
         if any(s.needs_grad for s in strategies):
             self.loop.inference_mode = False
@@ -39,8 +40,10 @@ class _Run:
             self.tensors = ModuleSnapshot.capture(module, tensors=True)
         self.context = install(module, self.strategies)
 
-    def check_batch(self, module: pl.LightningModule, batch_idx: int) -> None:
+    def end_batch(self, trainer: pl.Trainer, module: pl.LightningModule, batch_idx: int) -> None:
+        """Check the batch called the composed forward; report the strategies' figures."""
         assert self.context is not None
+        self.batches += 1
         calls, self.context.calls = self.context.calls, 0
         if calls == 0:
             raise RuntimeError(
@@ -54,10 +57,14 @@ class _Run:
                 f"Batch {batch_idx}: the step called {type(module).__name__}.forward {calls} times; test-time "
                 "strategies ran on every call (once per batch is expected)."
             )
+        figures = {f"{s.name}/{key}": value for s in self.strategies for key, value in s.figures().items()}
+        show(trainer, self.stage, figures, self.batches)
 
     def finish(self, module: pl.LightningModule) -> None:
         if self.context is not None:  # never remove a forward this run did not install
             uninstall(module)
+            for strategy in self.strategies:
+                summarise(type(strategy).__name__, strategy.figures())
         if self.tensors is not None:
             self.tensors.restore(module)
         self.before.restore(module)
@@ -94,6 +101,15 @@ class TestTimeCallback(Callback):
         """Return the forward that applies this strategy around ``inner``."""
         raise NotImplementedError
 
+    @property
+    def name(self) -> str:
+        """The prefix of this strategy's figures in the progress bar and the logs."""
+        return type(self).__name__.lower()
+
+    def figures(self) -> dict[str, float]:
+        """Figures of the stage so far, shown in the progress bar, logged, and summarised at the end."""
+        return {}
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._run = None
@@ -107,9 +123,9 @@ class TestTimeCallback(Callback):
         if self._run is not None:
             self._run.start(pl_module)
 
-    def _batch_end(self, pl_module: pl.LightningModule, batch_idx: int) -> None:
+    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
         if self._run is not None and self._run.context is not None:
-            self._run.check_batch(pl_module, batch_idx)
+            self._run.end_batch(trainer, pl_module, batch_idx)
 
     def _finish(self, pl_module: pl.LightningModule) -> None:
         run, self._run = self._run, None
@@ -138,7 +154,7 @@ class TestTimeCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end(pl_module, batch_idx)
+        self._batch_end(trainer, pl_module, batch_idx)
 
     @override
     def on_test_batch_end(
@@ -150,7 +166,7 @@ class TestTimeCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end(pl_module, batch_idx)
+        self._batch_end(trainer, pl_module, batch_idx)
 
     @override
     def on_validation_batch_end(
@@ -162,7 +178,7 @@ class TestTimeCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end(pl_module, batch_idx)
+        self._batch_end(trainer, pl_module, batch_idx)
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

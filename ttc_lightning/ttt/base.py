@@ -117,6 +117,20 @@ class TestTimeTraining(TestTimeCallback):
         self._dataloader_idx = 0
         self._clear_figures()
 
+    def figures(self) -> dict[str, float]:
+        if self.optimizer_factory is None:  # statistics only: nothing to report
+            return {}
+        figures = {
+            "loss": self.last_loss,
+            "updates": self.updates,
+            "backwards": self.backwards,
+            "resets": self.resets,
+            "skipped": self.skipped,
+        }
+        if not math.isnan(self.kept_fraction):
+            figures["kept"] = self.kept_fraction
+        return figures
+
     def _clear_figures(self) -> None:
         self.last_loss = math.nan
         self.updates = self.resets = self.skipped = self.backwards = 0
