@@ -61,14 +61,21 @@ class TestTimeTraining(TestTimeCallback):
             (collapse of the predictions to one class drives the entropy to zero; SAR uses 0.2). Default ``None``.
         keep_adapted: keep the adapted parameters after the stage instead of restoring the source model.
             Default ``False``.
+        save_every_n_batches: write the adaptation state (:meth:`state_dict`) to ``save_path`` every N batches, so
+            an interrupted online adaptation can resume. Default ``None`` (never).
+        save_path: the file; ``{rank}`` in it is replaced by the process rank (required with several processes).
+            Default ``None``.
+        resume_from: a file written by ``save_every_n_batches``: the stage starts from that state instead of the
+            source model. Feed it the stream from sample :attr:`samples_seen` of the saved state on (see the README's
+            resume recipe) to get the predictions of an uninterrupted run. Default ``None``.
         stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
 
     A batch whose loss or gradients are not finite is not used for an update (the model is untouched) and counted in
     :attr:`skipped`. Figures of the stage so far: :attr:`last_loss`, :attr:`updates`, :attr:`resets`,
     :attr:`skipped`, :attr:`backwards` (backward passes), :attr:`kept_fraction` (filtering objectives).
 
-    Presets change the step through :meth:`loss`, :meth:`apply_gradients`, :meth:`after_update`, :meth:`predict`
-    and :meth:`reset_state`.
+    Presets change the step through :meth:`prepare`, :meth:`loss`, :meth:`apply_gradients`, :meth:`after_update`,
+    :meth:`predict`, :meth:`reset_state`, :meth:`extra_state` and :meth:`load_extra_state`.
     """
 
     role: ClassVar[str] = "adaptation"
@@ -89,9 +96,17 @@ class TestTimeTraining(TestTimeCallback):
         reset: str | int = "never",
         reset_on_collapse: float | None = None,
         keep_adapted: bool = False,
+        save_every_n_batches: int | None = None,
+        save_path: str | None = None,
+        resume_from: str | None = None,
         stages: Sequence[str] = ("predict",),
     ) -> None:
         super().__init__(stages=stages)
+        if save_every_n_batches is not None:
+            check_int("save_every_n_batches", save_every_n_batches, 1)
+            if not save_path:
+                raise ValueError(f"`save_every_n_batches`={save_every_n_batches} needs a `save_path`.")
+        self.save_every_n_batches, self.save_path, self.resume_from = save_every_n_batches, save_path, resume_from
         if optimizer is not None and not callable(optimizer):
             raise TypeError(
                 f"`optimizer` must be a factory params -> Optimizer (functools.partial); got {optimizer!r}."
@@ -115,6 +130,7 @@ class TestTimeTraining(TestTimeCallback):
         self.needs_grad = optimizer is not None
         self.modifies_model = not keep_adapted
         self._dataloader_idx = 0
+        self._source: ModuleSnapshot | None = None
         self._clear_figures()
 
     def figures(self) -> dict[str, float]:
@@ -135,6 +151,7 @@ class TestTimeTraining(TestTimeCallback):
         self.last_loss = math.nan
         self.updates = self.resets = self.skipped = self.backwards = 0
         self.kept_fraction = math.nan
+        self.samples_seen = self.batches_seen = 0
         self._loss_average: float | None = None
         self._updates_since_reset = self._batches_since_reset = 0
         self._last_dataloader: int | None = None
@@ -156,11 +173,17 @@ class TestTimeTraining(TestTimeCallback):
             self._params = [p.requires_grad_(True) for p in chosen.values()]
         self._module = module
         self._source = ModuleSnapshot.capture(module)  # the state resets return to
+        context.cleanups.append(self._end_stage)
         self._new_optimizer()
+        self.prepare(context)
+        if self.resume_from is not None:
+            self.load_state_dict(torch.load(self.resume_from, map_location="cpu", weights_only=False))
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
             self._maybe_reset()
             self._batches_since_reset += 1
+            self.batches_seen += 1
+            self.samples_seen += len(x)
             if isinstance(x, Tensor) and x.is_inference():
                 x = x.clone()
             if self.optimizer_factory is None:
@@ -253,6 +276,9 @@ class TestTimeTraining(TestTimeCallback):
         loss.value.backward()
         return loss.value.detach().item()
 
+    def prepare(self, context: Context) -> None:
+        """Set the preset's own state up at the start of a stage (after parameter selection, before resuming)."""
+
     def after_update(self) -> None:
         """Called after every optimizer step (teacher updates, stochastic restore)."""
 
@@ -298,7 +324,7 @@ class TestTimeTraining(TestTimeCallback):
 
         Only during a stage (between its start and end); outside one there is nothing adapted to reset.
         """
-        if getattr(self, "_source", None) is None:
+        if self._source is None:
             raise RuntimeError(f"{type(self).__name__}.reset() works during a Trainer stage in which it adapts.")
         self._source.restore(self._module)
         self._new_optimizer()
@@ -306,6 +332,88 @@ class TestTimeTraining(TestTimeCallback):
         self._loss_average = None
         self.reset_state()
         self.resets += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full adaptation state during a stage (empty outside one): the model's parameters and buffers, the
+        source state, the optimizer and scheduler, the preset's own state, the random state and the counters."""
+        if self._source is None or self._source.tensors is None:
+            return {}
+        counters = ("updates", "resets", "skipped", "backwards", "samples_seen", "batches_seen")
+        return {
+            "preset": type(self).__name__,
+            "model": {k: v.detach().clone() for k, v in self._module.state_dict().items()},
+            "source": self._source.tensors,
+            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+            "scheduler": None if self._scheduler is None else self._scheduler.state_dict(),
+            "extra": self.extra_state(),
+            "counters": {name: getattr(self, name) for name in counters},
+            "since_reset": (self._updates_since_reset, self._batches_since_reset, self._loss_average),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (during a stage; an empty state, as saved outside one, is ignored)."""
+        if not state:
+            return
+        if state["preset"] != type(self).__name__:
+            raise ValueError(f"The adaptation state was saved by {state['preset']}, not {type(self).__name__}.")
+        self._module.load_state_dict(state["model"])
+        assert self._source.tensors is not None
+        self._source.tensors.update(state["source"])
+        if self._optimizer is not None:
+            self._optimizer.load_state_dict(state["optimizer"])
+        if self._scheduler is not None:
+            self._scheduler.load_state_dict(state["scheduler"])
+        self.load_extra_state(state["extra"])
+        for name, value in state["counters"].items():
+            setattr(self, name, value)
+        self._updates_since_reset, self._batches_since_reset, self._loss_average = state["since_reset"]
+        torch.set_rng_state(state["torch_rng"])
+
+    def extra_state(self) -> dict[str, Any]:
+        """The preset's own state to save (moving averages, teachers, random generators)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    def _end_stage(self) -> None:
+        self._source = None  # no reset, state or save outside the stage
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        every = self.save_every_n_batches
+        if every is None or self._source is None or self.batches_seen == 0 or self.batches_seen % every:
+            return
+        assert self.save_path is not None
+        if trainer.world_size > 1 and "{rank}" not in self.save_path:
+            raise ValueError(f"`save_path`={self.save_path!r} needs a '{{rank}}' placeholder with several processes.")
+        torch.save(self.state_dict(), self.save_path.replace("{rank}", str(trainer.global_rank)))
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._save(trainer)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._save(trainer)
 
     @override
     def on_predict_batch_start(

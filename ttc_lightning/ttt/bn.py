@@ -1,6 +1,6 @@
 """``BatchNormAdapt``: statistics-only test-time adaptation of BatchNorm layers."""
 
-from collections.abc import Sequence
+from typing import Any
 
 from ttc_lightning.ttt.base import TestTimeTraining
 
@@ -16,8 +16,8 @@ class BatchNormAdapt(TestTimeTraining):
             (running statistics updated with ``momentum`` and carried over). Default ``"batch"``.
         alpha: source weight for ``mix``. Default ``0.5``.
         momentum: batch weight for ``ema``. Default ``0.1``.
-        keep_adapted: keep the adapted statistics (``ema``) after the stage. Default ``False``.
-        stages: Trainer stages to act in. Default ``("predict",)``.
+        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
+            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
 
     Example::
 
@@ -29,14 +29,12 @@ class BatchNormAdapt(TestTimeTraining):
         norm: str = "batch",
         alpha: float = 0.5,
         momentum: float = 0.1,
-        keep_adapted: bool = False,
-        stages: Sequence[str] = ("predict",),
+        **options: Any,
     ) -> None:
         super().__init__(
             optimizer=None,
             norm=norm,
             norm_alpha=alpha,
             norm_momentum=momentum,
-            keep_adapted=keep_adapted,
-            stages=stages,
+            **options,
         )

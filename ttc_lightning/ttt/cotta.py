@@ -50,8 +50,8 @@ class CoTTA(TestTimeTraining):
         augment: the random augmentation. Default ``RandomAugment()`` (seed 0 + rank).
         params: which parameters adapt. Default ``"all"``.
         steps: updates per batch. Default ``1``.
-        keep_adapted: keep the adapted (student) parameters after the stage. Default ``False``.
-        stages: Trainer stages to act in. Default ``("predict",)``.
+        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
+            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
     """
 
     def __init__(
@@ -64,12 +64,9 @@ class CoTTA(TestTimeTraining):
         augment: RandomAugment | None = None,
         params: ParamSpec = "all",
         steps: int = 1,
-        keep_adapted: bool = False,
-        stages: Sequence[str] = ("predict",),
+        **options: Any,
     ) -> None:
-        super().__init__(
-            optimizer=optimizer, params=params, norm="batch", steps=steps, keep_adapted=keep_adapted, stages=stages
-        )
+        super().__init__(optimizer=optimizer, params=params, norm="batch", steps=steps, **options)
         for name, value in (("ema", ema), ("restore_prob", restore_prob), ("anchor_threshold", anchor_threshold)):
             if not 0 <= value <= 1:
                 raise ValueError(f"`{name}`={value!r} must lie in [0, 1].")
@@ -77,10 +74,8 @@ class CoTTA(TestTimeTraining):
         self.views = check_int("views", views, 1)
         self.augment = augment or RandomAugment()
 
-    def wrap(self, inner: Forward, context: Context) -> Forward:
-        forward = super().wrap(inner, context)
+    def prepare(self, context: Context) -> None:
         self.reset_state()
-        return forward
 
     def reset_state(self) -> None:
         self.source = [p.detach().clone() for p in self._params]
@@ -106,6 +101,15 @@ class CoTTA(TestTimeTraining):
                 teacher.mul_(self.ema).add_(p.detach(), alpha=1 - self.ema)
                 mask = (torch.rand(p.shape, generator=rng) < self.restore_prob).to(p.device)
                 p.copy_(torch.where(mask, source, p))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"teacher": self.teacher, "source": self.source, "augment": self.augment.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        device = self._params[0].device
+        self.teacher = [t.to(device) for t in state["teacher"]]
+        self.source = [t.to(device) for t in state["source"]]
+        self.augment.load_state_dict(state["augment"])
 
     def predict(self, inner: Forward, context: Context, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Any:
         if inner is context.base:

@@ -2,7 +2,7 @@
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -81,8 +81,8 @@ class EATA(TestTimeTraining):
         steps: updates per batch. Default ``1``.
         episodic: reset before every batch. Default ``False``.
         params: which parameters adapt. Default ``"batchnorm"``.
-        keep_adapted: keep the adapted parameters after the stage. Default ``False``.
-        stages: Trainer stages to act in. Default ``("predict",)``.
+        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
+            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
     """
 
     def __init__(
@@ -95,8 +95,7 @@ class EATA(TestTimeTraining):
         steps: int = 1,
         episodic: bool = False,
         params: ParamSpec = "batchnorm",
-        keep_adapted: bool = False,
-        stages: Sequence[str] = ("predict",),
+        **options: Any,
     ) -> None:
         self.eata = EATAObjective(e_margin, d_margin)
         super().__init__(
@@ -106,20 +105,17 @@ class EATA(TestTimeTraining):
             norm="batch",
             steps=steps,
             reset="batch" if episodic else "never",
-            keep_adapted=keep_adapted,
-            stages=stages,
+            **options,
         )
         if fisher_alpha < 0:
             raise ValueError(f"`fisher_alpha`={fisher_alpha!r} must be non-negative.")
         self.fisher_data, self.fisher_alpha = fisher_data, fisher_alpha
         self.fisher: list[Tensor] | None = None
 
-    def wrap(self, inner: Forward, context: Context) -> Forward:
-        forward = super().wrap(inner, context)
+    def prepare(self, context: Context) -> None:
         self.eata.probs_average = None
         self._anchor = [p.detach().clone() for p in self._params]
         self.fisher = self._estimate_fisher(context) if self.fisher_data is not None else None
-        return forward
 
     def _estimate_fisher(self, context: Context) -> list[Tensor]:
         """Mean over batches of the squared gradients of the pseudo-label cross entropy (EATA's estimate)."""
@@ -152,3 +148,9 @@ class EATA(TestTimeTraining):
 
     def reset_state(self) -> None:
         self.eata.probs_average = None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"probs_average": self.eata.probs_average, "fisher": self.fisher, "anchor": self._anchor}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.eata.probs_average, self.fisher, self._anchor = state["probs_average"], state["fisher"], state["anchor"]

@@ -2,7 +2,6 @@
 
 import functools
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,8 +42,8 @@ class MEMO(TestTimeTraining):
         steps: updates per batch. Default ``1``.
         episodic: reset before every batch. Default ``True``.
         params: which parameters adapt. Default ``"all"``.
-        keep_adapted: keep the adapted parameters after the stage. Default ``False``.
-        stages: Trainer stages to act in. Default ``("predict",)``.
+        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
+            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
     """
 
     def __init__(
@@ -56,8 +55,7 @@ class MEMO(TestTimeTraining):
         steps: int = 1,
         episodic: bool = True,
         params: ParamSpec = "all",
-        keep_adapted: bool = False,
-        stages: Sequence[str] = ("predict",),
+        **options: Any,
     ) -> None:
         super().__init__(
             optimizer=optimizer,
@@ -66,8 +64,7 @@ class MEMO(TestTimeTraining):
             norm_alpha=alpha,
             steps=steps,
             reset="batch" if episodic else "never",
-            keep_adapted=keep_adapted,
-            stages=stages,
+            **options,
         )
         self.views = check_int("views", views, 1)
         self.augment = augment or RandomAugment()
@@ -79,6 +76,12 @@ class MEMO(TestTimeTraining):
         named = {k: repeat_batch_first(v, batch, self.views) for k, v in kwargs.items()}
         logits = forward(views, *extra, **named)
         return Loss(marginal_entropy(logits.unflatten(0, (self.views, batch)))), None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"augment": self.augment.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.augment.load_state_dict(state["augment"])
 
     def predict(self, inner: Forward, context: Context, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Any:
         with torch.no_grad():

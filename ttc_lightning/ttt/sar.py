@@ -2,7 +2,8 @@
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,8 +53,8 @@ class SAR(TestTimeTraining):
         episodic: reset before every batch. Default ``False``.
         params: which parameters adapt. Default ``"norm"`` (BatchNorm, GroupNorm, LayerNorm affine parameters; the
             paper also freezes the deepest blocks, which is model-specific: pass a list or ``"re:<pattern>"``).
-        keep_adapted: keep the adapted parameters after the stage. Default ``False``.
-        stages: Trainer stages to act in. Default ``("predict",)``.
+        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
+            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
     """
 
     def __init__(
@@ -65,8 +66,7 @@ class SAR(TestTimeTraining):
         steps: int = 1,
         episodic: bool = False,
         params: ParamSpec = "norm",
-        keep_adapted: bool = False,
-        stages: Sequence[str] = ("predict",),
+        **options: Any,
     ) -> None:
         self.reliable = ReliableEntropy(e_margin)
         super().__init__(
@@ -77,8 +77,7 @@ class SAR(TestTimeTraining):
             steps=steps,
             reset="batch" if episodic else "never",
             reset_on_collapse=reset_below,
-            keep_adapted=keep_adapted,
-            stages=stages,
+            **options,
         )
         self.rho = check_positive("rho", rho)
 

@@ -1,7 +1,7 @@
 """``Tent``: test entropy minimisation (Wang et al., ICLR 2021)."""
 
 import functools
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,8 +25,8 @@ class Tent(TestTimeTraining):
         steps: updates per batch. Default ``1``.
         episodic: reset the model and the optimizer before every batch. Default ``False``.
         params: which parameters adapt. Default ``"batchnorm"``.
-        keep_adapted: keep the adapted parameters after the stage. Default ``False``.
-        stages: Trainer stages to act in. Default ``("predict",)``.
+        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
+            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
 
     Example::
 
@@ -39,8 +39,7 @@ class Tent(TestTimeTraining):
         steps: int = 1,
         episodic: bool = False,
         params: ParamSpec = "batchnorm",
-        keep_adapted: bool = False,
-        stages: Sequence[str] = ("predict",),
+        **options: Any,
     ) -> None:
         super().__init__(
             optimizer=optimizer,
@@ -49,6 +48,5 @@ class Tent(TestTimeTraining):
             norm="batch",
             steps=steps,
             reset="batch" if episodic else "never",
-            keep_adapted=keep_adapted,
-            stages=stages,
+            **options,
         )
