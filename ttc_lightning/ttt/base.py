@@ -17,6 +17,7 @@ from ttc_lightning.state import ModuleSnapshot
 from ttc_lightning.ttt.norm import NormStatistics
 from ttc_lightning.ttt.objectives import Loss, Objective, as_loss, resolve_objective
 from ttc_lightning.ttt.params import ParamSpec, select_parameters
+from ttc_lightning.ttt.sync import average_gradients, distributed, status
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -65,6 +66,10 @@ class TestTimeTraining(TestTimeCallback):
             an interrupted online adaptation can resume. Default ``None`` (never).
         save_path: the file; ``{rank}`` in it is replaced by the process rank (required with several processes).
             Default ``None``.
+        sync: keep the processes of a multi-process run in step: every update averages the gradients of all ranks
+            (weighted by their samples in the loss) and every data-dependent decision is all-reduced, so the adapted
+            parameters stay identical across ranks; ranks that run out of batches keep answering until all are done
+            (see :mod:`~ttc_lightning.ttt.sync`). Default ``False``: each rank adapts on its own shard.
         resume_from: a file written by ``save_every_n_batches``: the stage starts from that state instead of the
             source model. Feed it the stream from sample :attr:`samples_seen` of the saved state on (see the README's
             resume recipe) to get the predictions of an uninterrupted run. Default ``None``.
@@ -99,6 +104,7 @@ class TestTimeTraining(TestTimeCallback):
         save_every_n_batches: int | None = None,
         save_path: str | None = None,
         resume_from: str | None = None,
+        sync: bool = False,
         stages: Sequence[str] = ("predict",),
     ) -> None:
         super().__init__(stages=stages)
@@ -107,6 +113,7 @@ class TestTimeTraining(TestTimeCallback):
             if not save_path:
                 raise ValueError(f"`save_every_n_batches`={save_every_n_batches} needs a `save_path`.")
         self.save_every_n_batches, self.save_path, self.resume_from = save_every_n_batches, save_path, resume_from
+        self.sync = sync
         if optimizer is not None and not callable(optimizer):
             raise TypeError(
                 f"`optimizer` must be a factory params -> Optimizer (functools.partial); got {optimizer!r}."
@@ -151,7 +158,7 @@ class TestTimeTraining(TestTimeCallback):
         self.last_loss = math.nan
         self.updates = self.resets = self.skipped = self.backwards = 0
         self.kept_fraction = math.nan
-        self.samples_seen = self.batches_seen = 0
+        self.samples_seen = self.batches_seen = self._batch_size = 0
         self._loss_average: float | None = None
         self._updates_since_reset = self._batches_since_reset = 0
         self._last_dataloader: int | None = None
@@ -171,7 +178,9 @@ class TestTimeTraining(TestTimeCallback):
                 )
             module.requires_grad_(False)
             self._params = [p.requires_grad_(True) for p in chosen.values()]
-        self._module = module
+        self._module, self._base = module, context.base
+        self._synced = self.sync and self.optimizer_factory is not None and distributed()
+        self._template: tuple[Tensor, list, dict] | None = None
         self._source = ModuleSnapshot.capture(module)  # the state resets return to
         context.cleanups.append(self._end_stage)
         self._new_optimizer()
@@ -184,6 +193,10 @@ class TestTimeTraining(TestTimeCallback):
             self._batches_since_reset += 1
             self.batches_seen += 1
             self.samples_seen += len(x)
+            self._batch_size = len(x)
+            if self._synced:
+                status(True, x, self._params[0].device)
+                self._template = (x[:0], [a[:0] if _rows(a, len(x)) else a for a in args], kwargs)
             if isinstance(x, Tensor) and x.is_inference():
                 x = x.clone()
             if self.optimizer_factory is None:
@@ -216,15 +229,9 @@ class TestTimeTraining(TestTimeCallback):
         previous = None
         for _ in range(self.steps):
             loss, output = self.loss(forward, x, args, kwargs)
-            value = loss.value.detach().item()
-            if loss.kept is not None:
+            if loss.kept is not None and len(loss.kept):
                 self.kept_fraction = loss.kept.float().mean().item()
-            if loss.kept is not None and not loss.kept.any():
-                value = math.nan  # nothing passed the filters: no backward pass, no update
-            elif math.isfinite(value):
-                value = self._step(loss, lambda: self.loss(forward, x, args, kwargs)[0])
-            else:
-                self._skip("loss")
+            value = self._step(loss, lambda: self.loss(forward, x, args, kwargs)[0])
             self.last_loss = value
             if self.tol is not None and previous is not None and abs(previous - value) < self.tol:
                 break
@@ -235,11 +242,11 @@ class TestTimeTraining(TestTimeCallback):
         """Backward, check, clip, step; returns the loss value the update used (NaN when skipped)."""
         assert self._optimizer is not None
         value = self.apply_gradients(loss, recompute)
-        if value is None:  # the preset decided against an update
+        if value is None:  # nothing to learn from, a non-finite loss, or the preset decided against an update
             self._optimizer.zero_grad(set_to_none=True)
             return math.nan
         grads = [p.grad for p in self._params if p.grad is not None]
-        if not math.isfinite(value) or (grads and not all(torch.isfinite(g).all() for g in grads)):
+        if grads and not all(torch.isfinite(g).all() for g in grads):
             self._skip("gradients")
             return math.nan
         if self.clip_grad is not None:
@@ -272,9 +279,21 @@ class TestTimeTraining(TestTimeCallback):
 
         ``recompute`` gives the loss again at the current parameters (sharpness-aware steps perturb, then call it).
         """
-        self.backwards += 1
-        loss.value.backward()
-        return loss.value.detach().item()
+        value = loss.value.detach().item()
+        finite = math.isfinite(value)
+        weight = float(loss.kept.sum()) if loss.kept is not None else float(self._batch_size)
+        if finite and weight > 0:
+            self.backwards += 1
+            loss.value.backward()
+        if self._synced:
+            average, bad = average_gradients(self._params, weight, value, bad=not finite and weight > 0)
+            if bad:
+                self._skip("loss")
+            return average
+        if not finite:
+            self._skip("loss")
+            return None
+        return value if weight > 0 else None
 
     def prepare(self, context: Context) -> None:
         """Set the preset's own state up at the start of a stage (after parameter selection, before resuming)."""
@@ -377,6 +396,28 @@ class TestTimeTraining(TestTimeCallback):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned."""
 
+    def _drain(self) -> None:
+        """With ``sync``: answer the other ranks' collectives on empty batches until no rank has data left."""
+        if not getattr(self, "_synced", False) or self._source is None:
+            return
+        device = self._params[0].device
+        while True:
+            ranks, shape = status(False, None, device)
+            if ranks == 0:
+                return
+            x, args, kwargs = self._template or (torch.zeros((0, *shape), device=device), [], {})
+            self._batch_size = 0
+            with torch.enable_grad():
+                self._adapt(self._base, x, tuple(args), kwargs)
+
+    @override
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drain()
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drain()
+
     def _end_stage(self) -> None:
         self._source = None  # no reset, state or save outside the stage
 
@@ -432,3 +473,7 @@ class TestTimeTraining(TestTimeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._dataloader_idx = dataloader_idx
+
+
+def _rows(value: Any, batch: int) -> bool:
+    return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch

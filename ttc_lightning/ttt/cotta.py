@@ -37,7 +37,8 @@ class CoTTA(TestTimeTraining):
     ``views`` random augmentations; the student minimises the cross entropy ``-(softmax(target) *
     log_softmax(student)).sum(1)`` averaged over the batch; after the step the teacher's parameters move as
     ``ema * teacher + (1 - ema) * student`` and each adapted element of the student returns to its source value with
-    probability ``restore_prob``. The prediction is the teacher's output (computed before its update).
+    probability ``restore_prob`` (masks drawn from a generator seeded with the augmentation's seed, the same on
+    every rank). The prediction is the teacher's output (computed before its update).
     All BatchNorm layers (student, teacher, source) normalise with batch statistics.
 
     Args:
@@ -75,6 +76,8 @@ class CoTTA(TestTimeTraining):
         self.augment = augment or RandomAugment()
 
     def prepare(self, context: Context) -> None:
+        # The same stream of restore masks on every rank, so that synchronized ranks stay identical.
+        self.mask_generator = torch.Generator().manual_seed(self.augment.seed)
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -95,7 +98,7 @@ class CoTTA(TestTimeTraining):
         return Loss(loss), target
 
     def after_update(self) -> None:
-        rng = self.augment.rng()
+        rng = self.mask_generator
         with torch.no_grad():
             for p, teacher, source in zip(self._params, self.teacher, self.source, strict=True):
                 teacher.mul_(self.ema).add_(p.detach(), alpha=1 - self.ema)
@@ -103,13 +106,19 @@ class CoTTA(TestTimeTraining):
                 p.copy_(torch.where(mask, source, p))
 
     def extra_state(self) -> dict[str, Any]:
-        return {"teacher": self.teacher, "source": self.source, "augment": self.augment.state_dict()}
+        return {
+            "teacher": self.teacher,
+            "source": self.source,
+            "augment": self.augment.state_dict(),
+            "masks": self.mask_generator.get_state(),
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         device = self._params[0].device
         self.teacher = [t.to(device) for t in state["teacher"]]
         self.source = [t.to(device) for t in state["source"]]
         self.augment.load_state_dict(state["augment"])
+        self.mask_generator.set_state(state["masks"])
 
     def predict(self, inner: Forward, context: Context, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Any:
         if inner is context.base:

@@ -83,8 +83,8 @@ class SAR(TestTimeTraining):
 
     def apply_gradients(self, loss: Loss, recompute: Callable[[], Loss]) -> float | None:
         """SAM: gradient at ``theta + rho * g / ||g||`` on the samples kept at ``theta`` and again there."""
-        assert loss.kept is not None
-        super().apply_gradients(loss, recompute)
+        if super().apply_gradients(loss, recompute) is None:
+            return None  # no reliable sample (on any rank, with sync)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         scale = self.rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) + 1e-12)
         originals = [p.detach().clone() for p in self._params]
@@ -97,9 +97,7 @@ class SAR(TestTimeTraining):
             second = recompute()
         finally:
             self.reliable.restrict = None
-        value = None  # no sample passes the second filter: no update
-        if second.kept is not None and second.kept.any():
-            value = super().apply_gradients(second, recompute)
+        value = super().apply_gradients(second, recompute)  # None when no sample passes the second filter
         with torch.no_grad():
             for p, original in zip(self._params, originals, strict=True):
                 p.copy_(original)
