@@ -10,16 +10,10 @@ transform registered with ``@ttc.register_transform``; ``hflip`` is there to sho
 Run: ``python recipes/tta_demo.py`` (after ``bash .ci/setup``).
 """
 
-import logging
-import warnings
-
-import lightning as L
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from digits import digits, predict, quiet, train
+from torch import Tensor
 
 import ttc_lightning as ttc
 
@@ -47,44 +41,6 @@ class Shift(ttc.Transform):
 TRAIN_VIEWS = ttc.Augmenter(transforms=["shift", "multiscale"]).views
 
 
-class DigitsCNN(ttc.TestTimeComputeMixin, L.LightningModule):
-    """A small CNN that accepts any input size of at least 2x2 (adaptive pooling)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(128, 10),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        view = TRAIN_VIEWS[int(torch.randint(len(TRAIN_VIEWS), ()))]
-        return F.cross_entropy(self(view.augment(x)), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=3e-3)
-
-
-def digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Train/test split of the 1,797 digits as ``(N, 1, 8, 8)`` images in ``[0, 1]``."""
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target)
-    idx_train, idx_test = train_test_split(range(len(labels)), test_size=0.4, random_state=0, stratify=labels)
-    return images[idx_train], labels[idx_train], images[idx_test], labels[idx_test]
-
-
 def test_sets(images: Tensor) -> dict[str, Tensor]:
     """Clean, randomly 1-pixel-shifted, and Gaussian-noise (std 0.3) copies of the test images, seeded."""
     generator = torch.Generator().manual_seed(1)
@@ -92,19 +48,6 @@ def test_sets(images: Tensor) -> dict[str, Tensor]:
     shifted = torch.stack([shift(img, *SHIFTS[int(k)]) for img, k in zip(images, picks, strict=True)])
     noisy = (images + 0.3 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
     return {"clean": images, "shifted": shifted, "noise": noisy}
-
-
-def trainer(callbacks: list[L.Callback] | None = None, **kwargs: object) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        deterministic=True,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 POLICIES: dict[str, ttc.TestTimeAugmentation | None] = {
@@ -117,21 +60,15 @@ POLICIES: dict[str, ttc.TestTimeAugmentation | None] = {
 
 
 def main() -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
-    L.seed_everything(0, verbose=False)
-    x_train, y_train, x_test, y_test = digits()
-    model = DigitsCNN()
-    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
+    quiet()
     print("Training a small CNN on digits (40 epochs)...")
-    trainer(max_epochs=40, enable_progress_bar=False).fit(model, train_loader)
-
+    model = train(epochs=40, train_views=TRAIN_VIEWS)
+    _, _, x_test, y_test = digits()
     rows = []
     for name, policy in POLICIES.items():
         cells = []
         for images in test_sets(x_test).values():
-            loader = DataLoader(TensorDataset(images), batch_size=256)
-            logits = torch.cat(trainer([policy] if policy else [], enable_progress_bar=False).predict(model, loader))
+            logits = predict(model, images, [policy] if policy else [], batch_size=256)
             error = (logits.argmax(1) != y_test).float().mean().item() * 100
             nll = F.cross_entropy(logits, y_test).item()
             cells.append(f"{error:.1f} / {nll:.3f}")
