@@ -69,10 +69,19 @@ def install(module: nn.Module, strategies: Sequence[Strategy]) -> Context:
         raise RuntimeError(f"{type(module).__name__}.forward is already wrapped by ttc-lightning strategies.")
     context = Context(module=module, base=module.forward)
     forward = context.base
-    for strategy in sorted(strategies, key=lambda s: ROLES.index(s.role), reverse=True):
-        forward = strategy.wrap(forward, context)
+    try:
+        for strategy in sorted(strategies, key=lambda s: ROLES.index(s.role), reverse=True):
+            forward = strategy.wrap(forward, context)
+    except BaseException:
+        _clean_up(context)  # a strategy that failed to start leaves nothing installed
+        raise
     module.forward = ComposedForward(forward, context)  # type: ignore[method-assign]
     return context
+
+
+def _clean_up(context: Context) -> None:
+    while context.cleanups:
+        context.cleanups.pop()()
 
 
 def uninstall(module: nn.Module) -> None:
@@ -80,8 +89,7 @@ def uninstall(module: nn.Module) -> None:
     forward = module.__dict__.get("forward")
     if isinstance(forward, ComposedForward):
         del module.forward
-        while forward.context.cleanups:
-            forward.context.cleanups.pop()()
+        _clean_up(forward.context)
 
 
 def current_extras(module: nn.Module) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.state import ModuleSnapshot
 from ttc_lightning.ttt.norm import NormStatistics
 from ttc_lightning.ttt.objectives import Loss, Objective, as_loss, resolve_objective
-from ttc_lightning.ttt.params import ParamSpec, select_parameters
+from ttc_lightning.ttt.params import ParamSpec, check_params, select_parameters
 from ttc_lightning.ttt.sync import average_gradients, distributed, status
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -129,6 +129,7 @@ class TestTimeTraining(TestTimeCallback):
                 raise ValueError(f"`{name}`={value!r} must be a non-negative number or None.")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.objective = resolve_objective(objective)
+        check_params(params)
         self.params = params
         self.norm = NormStatistics(norm, norm_alpha, norm_momentum)
         self.clip_grad, self.clip_mode, self.tol = clip_grad, clip_mode, tol
@@ -166,7 +167,7 @@ class TestTimeTraining(TestTimeCallback):
     def wrap(self, inner: Forward, context: Context) -> Forward:
         module = context.module
         self._clear_figures()
-        context.cleanups.append(self.norm.apply(module))
+        context.cleanups.append(self.norm.apply(module, required=self.optimizer_factory is None))
         self._params: list[nn.Parameter] = []
         if self.optimizer_factory is not None:
             chosen = select_parameters(module, self.params)

@@ -53,13 +53,21 @@ class NormStatistics:
             raise ValueError(f"`momentum`={momentum!r} must lie in (0, 1].")
         self.policy, self.alpha, self.momentum = policy, alpha, momentum
 
-    def apply(self, module: nn.Module) -> Callable[[], None]:
-        """Install the policy on ``module``'s BatchNorm layers; return the clean-up that removes it."""
+    def apply(self, module: nn.Module, required: bool = False) -> Callable[[], None]:
+        """Install the policy on ``module``'s BatchNorm layers; return the clean-up that removes it.
+
+        With ``required`` (statistics-only adaptation), a model without BatchNorm layers is an error.
+        """
         if self.policy == "source":
             return lambda: None
         layers = [
             m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
         ]
+        if required and not layers:
+            raise ValueError(
+                f"`norm`={self.policy!r}: {type(module).__name__} has no BatchNorm layer with running statistics to "
+                "adapt; use norm='source' (or a model with BatchNorm)."
+            )
         for m in layers:
             m.forward = self._forward(m)
 

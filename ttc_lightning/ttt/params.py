@@ -29,7 +29,7 @@ def select_parameters(module: nn.Module, params: ParamSpec = "batchnorm") -> dic
     Raises:
         ValueError: for an unknown name, or when nothing is selected (the model has no adaptable parameters).
     """
-    specs = [params] if isinstance(params, str | type) else list(params)
+    specs = check_params(params)
     chosen: dict[str, nn.Parameter] = {}
     for spec in specs:
         chosen.update(_select_one(module, spec))
@@ -41,21 +41,38 @@ def select_parameters(module: nn.Module, params: ParamSpec = "batchnorm") -> dic
     return chosen
 
 
+def check_params(params: ParamSpec) -> list[str | type[nn.Module]]:
+    """The entries of ``params`` after checking their names and types (no model needed)."""
+    if isinstance(params, str | type):
+        specs = [params]
+    elif isinstance(params, Sequence):
+        specs = list(params)
+        if not specs:
+            raise ValueError("`params`=[] selects no parameters; give at least one name, type or pattern.")
+    else:
+        raise TypeError(f"`params` must be a name, a module type or a list of those; got {params!r}.")
+    allowed = ", ".join([*NORM_LAYERS, "all", "re:<pattern>", "a module type"])
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec != "all" and not spec.startswith("re:") and spec not in NORM_LAYERS:
+                raise ValueError(f"`params`={spec!r} is not supported; allowed: {allowed}.")
+            if spec.startswith("re:"):
+                try:
+                    re.compile(spec[3:])
+                except re.error as error:
+                    raise ValueError(f"`params`={spec!r} is not a valid regular expression: {error}.") from error
+        elif not (isinstance(spec, type) and issubclass(spec, nn.Module)):
+            raise TypeError(f"`params` entries must be names or nn.Module types; got {spec!r}.")
+    return specs
+
+
 def _select_one(module: nn.Module, spec: str | type[nn.Module]) -> dict[str, nn.Parameter]:
     if spec == "all":
         return dict(module.named_parameters())
     if isinstance(spec, str) and spec.startswith("re:"):
         pattern = re.compile(spec[3:])
         return {name: p for name, p in module.named_parameters() if pattern.search(name)}
-    if isinstance(spec, str):
-        if spec not in NORM_LAYERS:
-            allowed = ", ".join([*NORM_LAYERS, "all", "re:<pattern>", "a module type"])
-            raise ValueError(f"`params`={spec!r} is not supported; allowed: {allowed}.")
-        types = NORM_LAYERS[spec]
-    elif isinstance(spec, type) and issubclass(spec, nn.Module):
-        types = (spec,)
-    else:
-        raise TypeError(f"`params` entries must be names or nn.Module types; got {spec!r}.")
+    types = NORM_LAYERS[spec] if isinstance(spec, str) else (spec,)
     return {
         f"{prefix}.{name}" if prefix else name: p
         for prefix, sub in module.named_modules()
