@@ -10,6 +10,9 @@ import ttc_lightning as ttc
 
 N, C, H, W, CLASSES, BATCH = 24, 3, 12, 10, 5, 8
 
+# Tests use tiny tensors: one intra-op thread is fastest and keeps run times steady on a loaded 2-core machine.
+torch.set_num_threads(1)
+
 
 def tiny_net(norm: bool = False) -> nn.Sequential:
     """A conv classifier; batch-independent unless ``norm`` adds BatchNorm/Dropout and it is in train mode."""

@@ -291,10 +291,12 @@ class TestTimeTraining(TestTimeCallback):
             if bad:
                 self._skip("loss")
             return average
+        if weight == 0:  # no sample passed the filters: nothing to learn from
+            return None
         if not finite:
             self._skip("loss")
             return None
-        return value if weight > 0 else None
+        return value
 
     def prepare(self, context: Context) -> None:
         """Set the preset's own state up at the start of a stage (after parameter selection, before resuming)."""

@@ -73,7 +73,9 @@ class EATA(TestTimeTraining):
         optimizer: optimizer factory. Default ``functools.partial(torch.optim.SGD, lr=0.00025, momentum=0.9)``
             (the paper's ImageNet setting at batch size 64).
         e_margin: entropy threshold as a fraction of ``ln C``. Default ``0.4``.
-        d_margin: redundancy threshold on the cosine similarity. Default ``0.05``.
+        d_margin: redundancy threshold on the cosine similarity. Default ``0.05`` (the paper's ImageNet value). With
+            few classes, cosine similarities between probability vectors are large and 0.05 rejects almost every
+            sample after the first batch: raise it (e.g. 0.4 for 10 classes).
         fisher_data: an iterable of clean input batches (tensors, or tuples/lists whose first element is the input)
             to estimate the Fisher information at the start of each stage, or ``None`` for no regulariser (ETA).
             Default ``None``.

@@ -68,6 +68,8 @@ class SAR(TestTimeTraining):
         params: ParamSpec = "norm",
         **options: Any,
     ) -> None:
+        if isinstance(reset_below, bool) or not isinstance(reset_below, int | float) or reset_below < 0:
+            raise ValueError(f"`reset_below`={reset_below!r} must be a non-negative number.")
         self.reliable = ReliableEntropy(e_margin)
         super().__init__(
             optimizer=optimizer,

@@ -1,0 +1,136 @@
+"""Speed of test-time training through ``Trainer.predict``: Tent against a plain predict and a bare-torch TENT loop,
+and how many backward passes EATA's filters save.
+
+Run: ``.venv/bin/python benchmarks/ttt_speed.py [--batches 20] [--batch-size 64] [--reps 7] [--device cpu]``
+
+Configurations, timed interleaved with the order rotated each repetition (see ``common.interleaved``):
+
+* A: ``Trainer.predict`` of a ``TestTimeComputeMixin`` model, no callbacks;
+* B: ``Trainer.predict`` with ``ttc.Tent`` (Adam, lr 1e-3, steps=1);
+* C: the authors' TENT algorithm written as a bare torch loop (BatchNorm2d in train mode without running statistics,
+  affine parameters only, forward / entropy / backward / step / zero_grad), no Trainer;
+* D: ``Trainer.predict`` with ``ttc.EATA`` (same optimizer), whose filters skip some backward passes.
+
+Goals: B/A in the 2-3x floor of one forward + one backward per batch; B/C <= 1.10 (within 10% of bare torch).
+The backward passes EATA saves depend on the data, so they are counted on a real shift: the digits CNN of
+``recipes/digits.py`` on blurred test digits (batch 64), against Tent's one backward per batch.
+"""
+
+import argparse
+import copy
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
+
+import torch
+import torch.nn.functional as F
+from common import LitConvNet, convnet, header, interleaved, load, median, setup_threads, table, trainer
+from digits import digits, predict, quiet, train
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+import ttc_lightning as ttc
+
+ADAM = functools.partial(torch.optim.Adam, lr=1e-3)
+
+
+def tent_loop(net: nn.Module, batches: list[Tensor], device: str) -> list[Tensor]:
+    """TENT as in the authors' tent.py (dropout-free model, so train mode only affects BatchNorm)."""
+    model = copy.deepcopy(net)
+    model.train()
+    model.requires_grad_(False)
+    params = []
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(True)
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+            params += [m.weight, m.bias]
+    optimizer = ADAM(params)
+    outputs = []
+    for x in batches:
+        out = model(x.to(device))
+        loss = -(out.softmax(1) * out.log_softmax(1)).sum(1).mean(0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        outputs.append(out.detach())
+    return outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32, help="image side")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    args = parser.parse_args()
+    device, start_load = args.device, load()
+    setup_threads()
+    torch.manual_seed(0)
+    net = convnet(downsample=True).to(device).eval()
+    batches = [torch.randn(args.batch_size, 3, args.size, args.size) for _ in range(args.batches)]
+    loader = DataLoader(batches, batch_size=None)
+    lit = LitConvNet(net)
+
+    def predict(*callbacks: ttc.TestTimeCallback) -> list[Tensor]:
+        return trainer(callbacks, device).predict(lit, dataloaders=loader)  # type: ignore[return-value]
+
+    configs = {
+        "A": lambda: predict(),
+        "B": lambda: predict(ttc.Tent(optimizer=ADAM)),
+        "C": lambda: tent_loop(net, batches, device),
+        "D": lambda: predict(ttc.EATA(optimizer=ADAM)),
+    }
+    times, warm = interleaved(configs, args.reps, device)
+    difference = (torch.cat(warm["B"]).cpu() - torch.cat(warm["C"]).cpu()).abs().max().item()  # type: ignore[arg-type]
+    t = {name: median(values) for name, values in times.items()}
+    labels = {
+        "A": "Trainer.predict, no callback",
+        "B": "Trainer.predict + Tent (Adam 1e-3, steps=1)",
+        "C": "bare-torch TENT loop (tent.py), no Trainer",
+        "D": "Trainer.predict + EATA (Adam 1e-3)",
+    }
+    print(header("TTT speed: Tent and EATA", device, start_load))
+    print(
+        f"Model: 3 conv blocks (32-64-128, BN+ReLU, max-pool after blocks 1-2), global pool, linear 10; "
+        f"{args.batches} batches of {args.batch_size} x 3x{args.size}x{args.size} on "
+        f"{device}; median of {args.reps} interleaved repetitions after one warm-up.\n"
+    )
+    rows = [[name, labels[name], t[name], min(times[name]), f"{1e3 * t[name] / args.batches:.1f}"] for name in configs]
+    print(table(["config", "what", "median s", "min s", "ms / batch (median)"], rows))
+
+    def ratio(a: str, b: str) -> float:
+        return median([x / y for x, y in zip(times[a], times[b], strict=True)])
+
+    ratios = [
+        ["B/A", ratio("B", "A"), "2-3 (one forward + one backward)"],
+        ["B/C", ratio("B", "C"), "<= 1.10"],
+        ["D/B", ratio("D", "B"), ""],
+    ]
+    print(table(["ratio", "median of paired", "goal"], ratios))
+    print(f"Max |difference| between Tent's predictions and the bare loop's: {difference:.2e}\n")
+    eata_backward_passes()
+
+
+def eata_backward_passes() -> None:
+    """Backward passes of EATA and Tent on blurred digits (a real shift), with the error of each."""
+    quiet()
+    model = train(epochs=10)
+    _, _, images, labels = digits()
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    rows = []
+    for name, callback in [("source", None), ("tent", ttc.Tent(optimizer=ADAM)), ("eata", ttc.EATA(optimizer=ADAM))]:
+        logits = predict(model, blurred, [callback] if callback else [])
+        error = (logits.argmax(1) != labels).float().mean().item() * 100
+        passes = "" if callback is None else f"{callback.backwards} / {callback.batches_seen}"
+        rows.append([name, f"{error:.1f}", passes])
+    print("Blurred digits (719 images, batch 64): backward passes per batch and error\n")
+    print(table(["method", "error %", "backward passes / batches"], rows))
+
+
+if __name__ == "__main__":
+    main()
