@@ -123,7 +123,13 @@ def eata_backward_passes() -> None:
     _, _, images, labels = digits()
     blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
     rows = []
-    for name, callback in [("source", None), ("tent", ttc.Tent(optimizer=ADAM)), ("eata", ttc.EATA(optimizer=ADAM))]:
+    methods = [
+        ("source", None),
+        ("tent", ttc.Tent(optimizer=ADAM)),
+        ("eata (d_margin 0.05)", ttc.EATA(optimizer=ADAM)),
+        ("eata (d_margin 0.4)", ttc.EATA(optimizer=ADAM, d_margin=0.4)),
+    ]
+    for name, callback in methods:
         logits = predict(model, blurred, [callback] if callback else [])
         error = (logits.argmax(1) != labels).float().mean().item() * 100
         passes = "" if callback is None else f"{callback.backwards} / {callback.batches_seen}"

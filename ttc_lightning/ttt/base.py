@@ -75,6 +75,10 @@ class TestTimeTraining(TestTimeCallback):
             resume recipe) to get the predictions of an uninterrupted run. Default ``None``.
         stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
 
+    Precision: adaptation runs inside ``predict_step``, so ``bf16-mixed`` and ``16-mixed`` autocast apply to its
+    forward passes; under ``16-mixed`` (GPU) a private ``torch.amp.GradScaler`` scales the loss. Parameters held in
+    half precision (``*-true`` precisions) are refused at the start of the stage.
+
     A batch whose loss or gradients are not finite is not used for an update (the model is untouched) and counted in
     :attr:`skipped`. Figures of the stage so far: :attr:`last_loss`, :attr:`updates`, :attr:`resets`,
     :attr:`skipped`, :attr:`backwards` (backward passes), :attr:`kept_fraction` (filtering objectives).
@@ -182,6 +186,7 @@ class TestTimeTraining(TestTimeCallback):
         self._module, self._base = module, context.base
         self._synced = self.sync and self.optimizer_factory is not None and distributed()
         self._template: tuple[Tensor, list, dict] | None = None
+        self._scaler = grad_scaler(module, self._params)
         self._source = ModuleSnapshot.capture(module)  # the state resets return to
         context.cleanups.append(self._end_stage)
         self._new_optimizer()
@@ -246,14 +251,22 @@ class TestTimeTraining(TestTimeCallback):
         if value is None:  # nothing to learn from, a non-finite loss, or the preset decided against an update
             self._optimizer.zero_grad(set_to_none=True)
             return math.nan
+        if self._scaler is not None:
+            self._scaler.unscale_(self._optimizer)
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads and not all(torch.isfinite(g).all() for g in grads):
+            if self._scaler is not None:  # an fp16 overflow: lower the scale, as GradScaler.step would
+                self._scaler.update()
             self._skip("gradients")
             return math.nan
         if self.clip_grad is not None:
             clip = nn.utils.clip_grad_norm_ if self.clip_mode == "norm" else nn.utils.clip_grad_value_
             clip(self._params, self.clip_grad)
-        self._optimizer.step()
+        if self._scaler is None:
+            self._optimizer.step()
+        else:
+            self._scaler.step(self._optimizer)
+            self._scaler.update()
         self._optimizer.zero_grad(set_to_none=True)
         if self._scheduler is not None:
             self._scheduler.step()
@@ -285,7 +298,7 @@ class TestTimeTraining(TestTimeCallback):
         weight = float(loss.kept.sum()) if loss.kept is not None else float(self._batch_size)
         if finite and weight > 0:
             self.backwards += 1
-            loss.value.backward()
+            (loss.value if self._scaler is None else self._scaler.scale(loss.value)).backward()
         if self._synced:
             average, bad = average_gradients(self._params, weight, value, bad=not finite and weight > 0)
             if bad:
@@ -480,3 +493,11 @@ class TestTimeTraining(TestTimeCallback):
 
 def _rows(value: Any, batch: int) -> bool:
     return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch
+
+
+def grad_scaler(module: nn.Module, params: list[nn.Parameter]) -> "torch.amp.GradScaler | None":
+    """A private gradient scaler under ``precision="16-mixed"`` (Lightning's own scaler is only stepped in fit)."""
+    trainer = getattr(module, "_trainer", None)
+    if not params or trainer is None or trainer.precision != "16-mixed":
+        return None
+    return torch.amp.GradScaler(params[0].device.type)
