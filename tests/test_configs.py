@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -10,6 +11,14 @@ import ttc_lightning as ttc
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TTA_VIEWS = {"hflip": 2, "flip": 4, "d4": 8, "multiscale": 3, "five_crop": 5, "ten_crop": 10}
+TTT = {
+    "bn": (ttc.BatchNormAdapt, None),
+    "tent": (ttc.Tent, torch.optim.Adam),
+    "eata": (ttc.EATA, torch.optim.SGD),
+    "sar": (ttc.SAR, torch.optim.SGD),
+    "memo": (ttc.MEMO, torch.optim.SGD),
+    "cotta": (ttc.CoTTA, torch.optim.Adam),
+}
 
 
 def _compose(override: str):
@@ -32,3 +41,22 @@ def test_tta_config_instantiates(name):
 
 def test_tta_none_is_empty():
     assert _compose("+ttc/tta=none").ttc.tta == {}
+
+
+def test_every_ttt_config_is_checked():
+    assert {p.stem for p in (CONFIGS / "ttc" / "ttt").glob("*.yaml")} == set(TTT) | {"none"}
+
+
+@pytest.mark.parametrize("name", sorted(TTT))
+def test_ttt_config_instantiates_with_a_working_optimizer_factory(name):
+    cls, optimizer = TTT[name]
+    callback = instantiate(_compose(f"+ttc/ttt={name}").ttc.ttt)
+    assert type(callback) is cls
+    if optimizer is None:
+        assert callback.optimizer_factory is None
+    else:
+        assert isinstance(callback.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]), optimizer)
+
+
+def test_ttt_none_is_empty():
+    assert _compose("+ttc/ttt=none").ttc.ttt == {}
