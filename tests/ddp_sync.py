@@ -40,6 +40,7 @@ SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 PRESETS = {
     "tent": lambda: ttc.Tent(optimizer=SGD, sync=True, keep_adapted=True),
     "tent_steps": lambda: ttc.Tent(optimizer=SGD, steps=2, sync=True, keep_adapted=True),
+    "tent_syncbn": lambda: ttc.Tent(optimizer=SGD, sync=True, keep_adapted=True),  # on a SyncBatchNorm model
     "eata": lambda: ttc.EATA(optimizer=SGD, e_margin=0.9, d_margin=0.9, sync=True, keep_adapted=True),
     "sar": lambda: ttc.SAR(optimizer=SGD, e_margin=0.9, sync=True, keep_adapted=True),
     "cotta": lambda: ttc.CoTTA(views=2, sync=True, keep_adapted=True),
@@ -52,6 +53,8 @@ if __name__ == "__main__":
     results = {}
     for name, make in PRESETS.items():
         model, callback = Net(), make()
+        if name.endswith("syncbn"):  # SyncBatchNorm raises in train mode under gloo; the policies avoid train mode
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=2,
