@@ -59,3 +59,9 @@ def test_saving_needs_a_path_and_no_state_exists_outside_a_stage():
     with pytest.raises(ValueError, match="save_every_n_batches"):
         ttc.Tent(save_every_n_batches=0, save_path="x.pt")
     assert ttc.Tent().state_dict() == {}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_two_runs_with_the_same_callback_give_identical_results(name):
+    callback = PRESETS[name]()
+    torch.testing.assert_close(run(callback, DATA), run(callback, DATA), rtol=0, atol=0)

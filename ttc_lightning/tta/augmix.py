@@ -56,6 +56,10 @@ class RandomAugment:
             self.generator = torch.Generator().manual_seed(self.seed + _rank())
         return self.generator
 
+    def reseed(self) -> None:
+        """Start the draws again from ``seed + rank`` (each Trainer stage does, so repeated runs match)."""
+        self.generator = None
+
     def state_dict(self) -> dict[str, Any]:
         """The random state, for saving and resuming a run."""
         return {"generator": self.rng().get_state()}

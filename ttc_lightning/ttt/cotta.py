@@ -78,6 +78,7 @@ class CoTTA(TestTimeTraining):
     def prepare(self, context: Context) -> None:
         # The same stream of restore masks on every rank, so that synchronized ranks stay identical.
         self.mask_generator = torch.Generator().manual_seed(self.augment.seed)
+        self.augment.reseed()
         self.reset_state()
 
     def reset_state(self) -> None:

@@ -69,6 +69,9 @@ class MEMO(TestTimeTraining):
         self.views = check_int("views", views, 1)
         self.augment = augment or RandomAugment()
 
+    def prepare(self, context: Context) -> None:
+        self.augment.reseed()
+
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
         batch = x.shape[0]
         views = torch.cat([self.augment(x) for _ in range(self.views)])
