@@ -73,6 +73,10 @@ class TestTimeTraining(TestTimeCallback):
         resume_from: a file written by ``save_every_n_batches``: the stage starts from that state instead of the
             source model. Feed it the stream from sample :attr:`samples_seen` of the saved state on (see the README's
             resume recipe) to get the predictions of an uninterrupted run. Default ``None``.
+        flags: add per-sample flags to the step's extras (the mixin's predict_step then returns
+            ``{"prediction": ..., "kept": ..., "skipped": ...}``): ``kept``, whether the sample entered the loss of the
+            batch's last step (all true without filters); ``skipped``, whether the batch's update was skipped for a
+            non-finite loss or gradient. Default ``False``.
         stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
 
     Precision: adaptation runs inside ``predict_step``, so ``bf16-mixed`` and ``16-mixed`` autocast apply to its
@@ -109,6 +113,7 @@ class TestTimeTraining(TestTimeCallback):
         save_path: str | None = None,
         resume_from: str | None = None,
         sync: bool = False,
+        flags: bool = False,
         stages: Sequence[str] = ("predict",),
     ) -> None:
         super().__init__(stages=stages)
@@ -117,7 +122,7 @@ class TestTimeTraining(TestTimeCallback):
             if not save_path:
                 raise ValueError(f"`save_every_n_batches`={save_every_n_batches} needs a `save_path`.")
         self.save_every_n_batches, self.save_path, self.resume_from = save_every_n_batches, save_path, resume_from
-        self.sync = sync
+        self.sync, self.flags = sync, flags
         if optimizer is not None and not callable(optimizer):
             raise TypeError(
                 f"`optimizer` must be a factory params -> Optimizer (functools.partial); got {optimizer!r}."
@@ -208,8 +213,13 @@ class TestTimeTraining(TestTimeCallback):
             if self.optimizer_factory is None:
                 with torch.no_grad():
                     return inner(x, *args, **kwargs)
+            skipped_before = self.skipped
             with torch.enable_grad():
-                output = self._adapt(context.base, x, args, kwargs)
+                output, kept = self._adapt(context.base, x, args, kwargs)
+            if self.flags:
+                batch = len(x)
+                context.extras["kept"] = torch.ones(batch, dtype=torch.bool) if kept is None else kept.cpu()
+                context.extras["skipped"] = torch.full((batch,), self.skipped > skipped_before)
             return self.predict(inner, context, x, args, kwargs, output)
 
         return forward
@@ -230,8 +240,9 @@ class TestTimeTraining(TestTimeCallback):
         if self.scheduler_factory is not None:
             self._scheduler = self.scheduler_factory(self._optimizer)
 
-    def _adapt(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> Any:
-        """``steps`` updates on the batch; returns the output :meth:`loss` returned last, detached."""
+    def _adapt(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Any, Tensor | None]:
+        """``steps`` updates on the batch; returns the output :meth:`loss` returned last, detached, and the samples
+        its loss kept (``None`` without filters)."""
         previous = None
         for _ in range(self.steps):
             loss, output = self.loss(forward, x, args, kwargs)
@@ -242,7 +253,7 @@ class TestTimeTraining(TestTimeCallback):
             if self.tol is not None and previous is not None and abs(previous - value) < self.tol:
                 break
             previous = value
-        return output.detach() if isinstance(output, Tensor) else output
+        return (output.detach() if isinstance(output, Tensor) else output), loss.kept
 
     def _step(self, loss: Loss, recompute: Callable[[], Loss]) -> float:
         """Backward, check, clip, step; returns the loss value the update used (NaN when skipped)."""
