@@ -59,6 +59,8 @@ class _Run:
             )
         figures = {f"{s.name}/{key}": value for s in self.strategies for key, value in s.figures().items()}
         show(trainer, self.stage, figures, self.batches)
+        for strategy in self.strategies:
+            strategy.after_batch(trainer)
 
     def finish(self, module: pl.LightningModule) -> None:
         if self.context is not None:  # never remove a forward this run did not install
@@ -110,6 +112,12 @@ class TestTimeCallback(Callback):
         """Figures of the stage so far, shown in the progress bar, logged, and summarised at the end."""
         return {}
 
+    def after_batch(self, trainer: pl.Trainer) -> None:
+        """Called after every batch of a stage the strategy acts in (e.g. to save state)."""
+
+    def end_epoch(self) -> None:
+        """Called when this process has no batch left in the stage (e.g. to keep answering other processes)."""
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._run = None
@@ -122,6 +130,15 @@ class TestTimeCallback(Callback):
     def _start(self, pl_module: pl.LightningModule) -> None:
         if self._run is not None:
             self._run.start(pl_module)
+
+    def _batch_start(self, dataloader_idx: int) -> None:
+        if self._run is not None and self._run.context is not None:
+            self._run.context.dataloader_idx = dataloader_idx
+
+    def _epoch_end(self) -> None:
+        if self._run is not None and self._run.context is not None:
+            for strategy in self._run.strategies:
+                strategy.end_epoch()
 
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
         if self._run is not None and self._run.context is not None:
@@ -143,6 +160,24 @@ class TestTimeCallback(Callback):
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(pl_module)
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(dataloader_idx)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(dataloader_idx)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(dataloader_idx)
 
     @override
     def on_predict_batch_end(
@@ -179,6 +214,18 @@ class TestTimeCallback(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         self._batch_end(trainer, pl_module, batch_idx)
+
+    @override
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end()
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end()
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end()
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,13 +18,14 @@ ROLES = ("adaptation", "iterative", "augmentation")
 
 @dataclass
 class Context:
-    """What strategies share during a run: the module, its own forward, the extras of the latest call, and the
-    clean-ups to run when the forward is uninstalled (last registered first)."""
+    """What strategies share during a run: the module, its own forward, the extras of the latest call, the current
+    dataloader, and the clean-ups to run when the forward is uninstalled (last registered first)."""
 
     module: nn.Module
     base: Forward
     extras: dict[str, Tensor] = field(default_factory=dict)
     calls: int = 0
+    dataloader_idx: int = 0
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
 

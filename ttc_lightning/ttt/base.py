@@ -8,7 +8,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from typing_extensions import override
 
 from ttc_lightning.callback import TestTimeCallback
 from ttc_lightning.checks import check_choice, check_int
@@ -146,7 +145,6 @@ class TestTimeTraining(TestTimeCallback):
         self.keep_adapted = keep_adapted
         self.needs_grad = optimizer is not None
         self.modifies_model = not keep_adapted
-        self._dataloader_idx = 0
         self._source: ModuleSnapshot | None = None
         self._clear_figures()
 
@@ -188,7 +186,7 @@ class TestTimeTraining(TestTimeCallback):
                 )
             module.requires_grad_(False)
             self._params = [p.requires_grad_(True) for p in chosen.values()]
-        self._module, self._base = module, context.base
+        self._module, self._base, self._context = module, context.base, context
         self._synced = self.sync and self.optimizer_factory is not None and distributed()
         self._template: tuple[Tensor, list, dict] | None = None
         self._scaler = grad_scaler(module, self._params)
@@ -350,8 +348,9 @@ class TestTimeTraining(TestTimeCallback):
 
     def _maybe_reset(self) -> None:
         policy = self.reset_policy
-        new_loader = self._last_dataloader is not None and self._dataloader_idx != self._last_dataloader
-        self._last_dataloader = self._dataloader_idx
+        loader = self._context.dataloader_idx
+        new_loader = self._last_dataloader is not None and loader != self._last_dataloader
+        self._last_dataloader = loader
         due = (
             (policy == "batch" and self._batches_since_reset > 0)
             or (policy == "dataloader" and new_loader)
@@ -437,12 +436,7 @@ class TestTimeTraining(TestTimeCallback):
             with torch.enable_grad():
                 self._adapt(self._base, x, tuple(args), kwargs)
 
-    @override
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._drain()
-
-    @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def end_epoch(self) -> None:
         self._drain()
 
     def _end_stage(self) -> None:
@@ -457,49 +451,8 @@ class TestTimeTraining(TestTimeCallback):
             raise ValueError(f"`save_path`={self.save_path!r} needs a '{{rank}}' placeholder with several processes.")
         torch.save(self.state_dict(), self.save_path.replace("{rank}", str(trainer.global_rank)))
 
-    @override
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+    def after_batch(self, trainer: pl.Trainer) -> None:
         self._save(trainer)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        self._save(trainer)
-
-    @override
-    def on_predict_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._dataloader_idx = dataloader_idx
-
-    @override
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._dataloader_idx = dataloader_idx
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._dataloader_idx = dataloader_idx
 
 
 def _rows(value: Any, batch: int) -> bool:
