@@ -4,6 +4,7 @@ The scripts import this module as ``common`` (they put their own folder first on
 ``python benchmarks/<script>.py``).
 """
 
+import argparse
 import datetime
 import itertools
 import logging
@@ -19,6 +20,7 @@ import lightning
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 import ttc_lightning as ttc
 
@@ -173,3 +175,24 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def speed_arguments(description: str) -> argparse.Namespace:
+    """Command-line options shared by the speed benchmarks."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32, help="image side")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    return parser.parse_args()
+
+
+def speed_workload(args: argparse.Namespace) -> tuple[nn.Module, list[Tensor], DataLoader, LitConvNet]:
+    """The seeded convnet (with pooling), random input batches, a loader yielding them as they are (no collation),
+    and the LightningModule around the net."""
+    setup_threads()
+    torch.manual_seed(0)
+    net = convnet(downsample=True).to(args.device).eval()
+    batches = [torch.randn(args.batch_size, 3, args.size, args.size) for _ in range(args.batches)]
+    return net, batches, DataLoader(batches, batch_size=None), LitConvNet(net)

@@ -16,7 +16,6 @@ ratio of two configurations timed back to back, so slow periods of the machine c
 Goals: B/A <= 8.4 (at most 5% over 8 forwards) and B/C <= 1.0 (no slower than ttach).
 """
 
-import argparse
 import os
 import sys
 
@@ -24,9 +23,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 import ttach
-from common import LitConvNet, convnet, header, interleaved, load, median, setup_threads, table, trainer
+from common import (
+    header,
+    interleaved,
+    load,
+    median,
+    speed_arguments,
+    speed_workload,
+    table,
+    trainer,
+)
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 import ttc_lightning as ttc
 
@@ -38,20 +45,10 @@ def loop(model: nn.Module, batches: list[Tensor], device: str) -> list[Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--size", type=int, default=32, help="image side")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    args = parser.parse_args()
-    device, start_load = args.device, load()
-    setup_threads()
-    torch.manual_seed(0)
-    net = convnet(downsample=True).to(device).eval()
-    batches = [torch.randn(args.batch_size, 3, args.size, args.size) for _ in range(args.batches)]
-    loader = DataLoader(batches, batch_size=None)  # yields the prepared batches as they are: no collation
-    lit = LitConvNet(net)
+    start_load = load()
+    args = speed_arguments(__doc__.splitlines()[0])
+    device = args.device
+    net, batches, loader, lit = speed_workload(args)
     ttach_model = ttach.ClassificationTTAWrapper(net, ttach.aliases.d4_transform(), merge_mode="mean").eval()
     ttc_model = ttc.TTAWrapper(net, transforms="d4", merge="mean").eval()
 

@@ -16,7 +16,6 @@ The backward passes EATA saves depend on the data, so they are counted on a real
 ``recipes/digits.py`` on blurred test digits (batch 64), against Tent's one backward per batch.
 """
 
-import argparse
 import copy
 import functools
 import os
@@ -27,10 +26,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import torch
 import torch.nn.functional as F
-from common import LitConvNet, convnet, header, interleaved, load, median, setup_threads, table, trainer
+from common import (
+    header,
+    interleaved,
+    load,
+    median,
+    speed_arguments,
+    speed_workload,
+    table,
+    trainer,
+)
 from digits import digits, predict, quiet, train
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 import ttc_lightning as ttc
 
@@ -61,20 +68,10 @@ def tent_loop(net: nn.Module, batches: list[Tensor], device: str) -> list[Tensor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--size", type=int, default=32, help="image side")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    args = parser.parse_args()
-    device, start_load = args.device, load()
-    setup_threads()
-    torch.manual_seed(0)
-    net = convnet(downsample=True).to(device).eval()
-    batches = [torch.randn(args.batch_size, 3, args.size, args.size) for _ in range(args.batches)]
-    loader = DataLoader(batches, batch_size=None)
-    lit = LitConvNet(net)
+    start_load = load()
+    args = speed_arguments(__doc__.splitlines()[0])
+    device = args.device
+    net, batches, loader, lit = speed_workload(args)
 
     def predict(*callbacks: ttc.TestTimeCallback) -> list[Tensor]:
         return trainer(callbacks, device).predict(lit, dataloaders=loader)  # type: ignore[return-value]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from ttt_models import trainer
 
 import ttc_lightning as ttc
 
@@ -115,16 +116,7 @@ def make_trainer(tmp_path):
     """A quiet CPU Trainer factory: ``make_trainer(callbacks, **trainer_kwargs)``."""
 
     def make(callbacks=(), **kwargs) -> L.Trainer:
-        options = dict(
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            accelerator="cpu",
-            devices=1,
-            default_root_dir=tmp_path,
-        )
-        return L.Trainer(callbacks=list(callbacks), **{**options, **kwargs})
+        return trainer(callbacks, **{"default_root_dir": tmp_path, **kwargs})
 
     return make
 
