@@ -11,6 +11,7 @@ from torch import nn
 from ttt_models import (
     ConvNet,
     Recorder,
+    batch_stats,
     check_restored_after_predict,
     check_restored_on_exception,
     images,
@@ -193,3 +194,18 @@ def test_restored_after_predict_with_default_trainer():
 def test_restored_on_an_exception_in_the_second_batch(fail_call):
     memo = ttc.MEMO(optimizer=SGD, views=2, episodic=False)
     check_restored_on_exception(ConvNet(scale=5), memo, images(24), fail_call)
+
+
+def test_marginal_entropy_over_deterministic_tta_views_matches_the_written_out_update():
+    model, reference = ConvNet(), ConvNet()
+    x = images(n=8)
+    callback = ttc.MEMO(optimizer=functools.partial(torch.optim.SGD, lr=0.1), transforms="hflip", alpha=0.0)
+    out = torch.cat(trainer([callback]).predict(model, loader(x)))
+    net = batch_stats(reference.net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    logits = torch.stack([net(x), net(x.flip(-1))])
+    p = logits.softmax(2).mean(0)
+    (-(p * p.log()).sum(1).mean()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)

@@ -9,8 +9,9 @@ from torch import Tensor
 
 from ttc_lightning.checks import check_int
 from ttc_lightning.pipeline import Context, Forward
-from ttc_lightning.tta.augmenter import repeat_batch_first
+from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
 from ttc_lightning.tta.augmix import RandomAugment
+from ttc_lightning.tta.transforms import TransformSpec
 from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss
 from ttc_lightning.ttt.params import ParamSpec
@@ -38,6 +39,9 @@ class MEMO(TestTimeTraining):
             CIFAR-10 ResNet setting).
         views: augmented views per input. Default ``16``.
         augment: the random augmentation. Default ``RandomAugment()`` (seed 0 + rank).
+        transforms: deterministic test-time augmentation views instead of random ones (an alias such as ``"d4"``, or
+            anything ``TestTimeAugmentation(transforms=...)`` takes); ``views`` and ``augment`` are then unused.
+            Default ``None``.
         alpha: source weight of the BatchNorm statistics. Default ``16 / 17``.
         steps: updates per batch. Default ``1``.
         episodic: reset before every batch. Default ``True``.
@@ -51,6 +55,7 @@ class MEMO(TestTimeTraining):
         optimizer: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.005),  # noqa: B008
         views: int = 16,
         augment: RandomAugment | None = None,
+        transforms: TransformSpec | None = None,
         alpha: float = 16 / 17,
         steps: int = 1,
         episodic: bool = True,
@@ -68,11 +73,15 @@ class MEMO(TestTimeTraining):
         )
         self.views = check_int("views", views, 1)
         self.augment = augment or RandomAugment()
+        self.tta_views = None if transforms is None else Augmenter(transforms).views
 
     def prepare(self, context: Context) -> None:
         self.augment.reseed()
 
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
+        if self.tta_views is not None:  # deterministic views, possibly of different shapes: one forward each
+            logits = torch.stack([forward(view.augment(x), *args, **kwargs) for view in self.tta_views])
+            return Loss(marginal_entropy(logits)), None
         batch = x.shape[0]
         views = torch.cat([self.augment(x) for _ in range(self.views)])
         extra = [repeat_batch_first(a, batch, self.views) for a in args]
