@@ -59,6 +59,8 @@ class TestTimeTraining(TestTimeCallback):
             updates). Default ``"never"``.
         reset_on_collapse: reset when the running average (smoothing 0.9) of the loss falls below this value
             (collapse of the predictions to one class drives the entropy to zero; SAR uses 0.2). Default ``None``.
+        reset_on_nonfinite: also reset before the next batch after a non-finite loss or gradient (the update itself is
+            always skipped). Default ``False``.
         keep_adapted: keep the adapted parameters after the stage instead of restoring the source model.
             Default ``False``.
         save_every_n_batches: write the adaptation state (:meth:`state_dict`) to ``save_path`` every N batches, so
@@ -107,6 +109,7 @@ class TestTimeTraining(TestTimeCallback):
         tol: float | None = None,
         reset: str | int = "never",
         reset_on_collapse: float | None = None,
+        reset_on_nonfinite: bool = False,
         keep_adapted: bool = False,
         save_every_n_batches: int | None = None,
         save_path: str | None = None,
@@ -141,7 +144,7 @@ class TestTimeTraining(TestTimeCallback):
         self.params = params
         self.norm = NormStatistics(norm, norm_alpha, norm_momentum)
         self.clip_grad, self.clip_mode, self.tol = clip_grad, clip_mode, tol
-        self.reset_policy, self.reset_on_collapse = reset, reset_on_collapse
+        self.reset_policy, self.reset_on_collapse, self.reset_on_nonfinite = reset, reset_on_collapse, reset_on_nonfinite
         self.keep_adapted = keep_adapted
         self.needs_grad = optimizer is not None
         self.modifies_model = not keep_adapted
@@ -170,6 +173,7 @@ class TestTimeTraining(TestTimeCallback):
         self._loss_average: float | None = None
         self._updates_since_reset = self._batches_since_reset = 0
         self._last_dataloader: int | None = None
+        self._diverged = False
 
     def wrap(self, inner: Forward, context: Context) -> Forward:
         module = context.module
@@ -345,6 +349,7 @@ class TestTimeTraining(TestTimeCallback):
                 f"{type(self).__name__}: non-finite {what} on a batch; skipped its update (model untouched)."
             )
         self.skipped += 1
+        self._diverged = self.reset_on_nonfinite
 
     def _maybe_reset(self) -> None:
         policy = self.reset_policy
@@ -355,6 +360,7 @@ class TestTimeTraining(TestTimeCallback):
             (policy == "batch" and self._batches_since_reset > 0)
             or (policy == "dataloader" and new_loader)
             or (isinstance(policy, int) and self._updates_since_reset >= policy)
+            or self._diverged
             or (
                 self.reset_on_collapse is not None
                 and self._loss_average is not None
@@ -375,6 +381,7 @@ class TestTimeTraining(TestTimeCallback):
         self._new_optimizer()
         self._updates_since_reset = self._batches_since_reset = 0
         self._loss_average = None
+        self._diverged = False
         self.reset_state()
         self.resets += 1
 
