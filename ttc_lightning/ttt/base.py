@@ -144,7 +144,8 @@ class TestTimeTraining(TestTimeCallback):
         self.params = params
         self.norm = NormStatistics(norm, norm_alpha, norm_momentum)
         self.clip_grad, self.clip_mode, self.tol = clip_grad, clip_mode, tol
-        self.reset_policy, self.reset_on_collapse, self.reset_on_nonfinite = reset, reset_on_collapse, reset_on_nonfinite
+        self.reset_policy, self.reset_on_collapse = reset, reset_on_collapse
+        self.reset_on_nonfinite = reset_on_nonfinite
         self.keep_adapted = keep_adapted
         self.needs_grad = optimizer is not None
         self.modifies_model = not keep_adapted
