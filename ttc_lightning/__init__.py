@@ -1,6 +1,8 @@
 """ttc-lightning: test-time compute (augmentation, adaptation, iterative inference) for PyTorch Lightning."""
 
+from ttc_lightning import stopping
 from ttc_lightning.callback import TestTimeCallback
+from ttc_lightning.iterative import IterativeInference
 from ttc_lightning.mixin import TestTimeComputeMixin
 from ttc_lightning.tta.augmenter import Augmenter
 from ttc_lightning.tta.augmix import RandomAugment
@@ -41,6 +43,7 @@ __all__ = [
     "FiveCrop",
     "HFlip",
     "Identity",
+    "IterativeInference",
     "Multiply",
     "RandomAugment",
     "Resize",
@@ -57,4 +60,5 @@ __all__ = [
     "VFlip",
     "__version__",
     "register_transform",
+    "stopping",
 ]

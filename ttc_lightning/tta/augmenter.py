@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 
 from ttc_lightning.checks import check_choice, check_int
+from ttc_lightning.halting import Draws, HaltingStats, halt
+from ttc_lightning.stopping import StoppingRule
 from ttc_lightning.tta import functional as F
 from ttc_lightning.tta.functional import Size
 from ttc_lightning.tta.merge import ACTIVATIONS, MERGES, SPACES, Merger, default_space
@@ -80,6 +82,15 @@ class Augmenter:
         chunk_size: views per forward call: ``None`` stacks every view of a shape into one forward, an int bounds
             it, ``"auto"`` uses 1 on CPU and ``None`` on accelerators (measured, see ``benchmarks/``). Views of
             different shapes (non-square rot90, scales) always go in separate forwards. Default ``"auto"``.
+        stop: a :mod:`~ttc_lightning.stopping` rule for adaptive augmentation: views run one at a time in order
+            (identity first) on the samples still running, and a sample stops as soon as the rule holds on the
+            running mean probability of its views (whatever the merge); its output merges the views it saw.
+            Needs ``chunk_size`` ``"auto"`` or 1, a merge other than ``median``, and task ``classification``
+            unless the rule is :class:`~ttc_lightning.stopping.Converged`. Default ``None`` (every view).
+        min_views: views every sample gets before ``stop`` is asked. Default ``1``.
+        anytime: with ``stop``, return each sample's merge at its best-scoring view count (by the rule's score)
+            instead of its last. Default ``False``.
+        return_views: with ``stop``, add each sample's number of views as the extra ``views``. Default ``False``.
 
     Further positional and keyword arguments of the forward that are tensors with the batch size as first dimension
     are repeated along with stacked views; everything else passes unchanged (a non-batch tensor whose first dimension
@@ -98,6 +109,10 @@ class Augmenter:
         flip_pairs: Sequence[Sequence[int]] | None = None,
         uncertainty: bool | str | Sequence[str] | None = None,
         chunk_size: int | str | None = "auto",
+        stop: StoppingRule | None = None,
+        min_views: int = 1,
+        anytime: bool = False,
+        return_views: bool = False,
     ) -> None:
         check_choice("task", task, TASKS)
         check_choice("merge", merge, MERGES)
@@ -139,6 +154,26 @@ class Augmenter:
         self._needs_classes = activation == "softmax" and (merge == "vote" or self.space != "raw" or class_measures)
         self.views = expand(self.transforms)
         self._plans: dict[tuple[Size, int | None], list[list[View]]] = {}
+        self.stop, self.min_views, self.anytime, self.return_views = stop, min_views, anytime, return_views
+        self.stats = HaltingStats()
+        if stop is None:
+            if anytime or return_views:
+                raise ValueError("`anytime` and `return_views` need a stopping rule: pass `stop`.")
+            return
+        if not isinstance(stop, StoppingRule):
+            raise TypeError(f"`stop` must be a ttc_lightning.stopping rule; got {type(stop).__name__}.")
+        check_int("min_views", min_views, 1)
+        if min_views > len(self.views):
+            raise ValueError(f"`min_views`={min_views} exceeds the {len(self.views)} views of `transforms`.")
+        if chunk_size not in ("auto", 1):
+            raise ValueError(f"`stop` runs one view at a time: `chunk_size` must be 'auto' or 1; got {chunk_size!r}.")
+        if merge == "median":
+            raise ValueError("`stop` cannot be combined with merge='median' (it keeps every view); pick another.")
+        if stop.uses_classes and task != "classification":
+            raise ValueError(
+                f"`stop`={stop!r} decides on class probabilities and needs task='classification'; got task={task!r}. "
+                "Converged(tol) works on any output."
+            )
 
     def __len__(self) -> int:
         return len(self.views)
@@ -165,6 +200,8 @@ class Augmenter:
                 f"3 dimensions; got an input of shape {tuple(x.shape)}."
             )
         size: Size = tuple(x.shape[-2:]) if x.ndim >= 3 else (1, 1)  # type: ignore[assignment]
+        if self.stop is not None:
+            return self._adaptive(forward, x, size, args, kwargs)
         chunk = self.chunk_size
         if chunk == "auto":
             chunk = AUTO_CPU_CHUNK if x.device.type == "cpu" else None
@@ -202,6 +239,29 @@ class Augmenter:
         merged = merger.result()
         extras = tracker.result(merged) if tracker is not None else {}
         return merged.to(out_dtype), extras
+
+    def _adaptive(
+        self, forward: Callable[..., Any], x: Tensor, size: Size, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Tensor, dict]:
+        """Views one at a time on the samples still running, until each sample's rule holds."""
+        for view in self.views:
+            view.check(size)
+
+        def draw(iteration: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            view = self.views[iteration - 1]
+            y = forward(view.augment(x), *args, **kwargs)
+            if not isinstance(y, Tensor) or y.ndim == 0 or y.shape[0] != x.shape[0]:
+                got = f"shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+                raise ValueError(f"Test-time augmentation needs a batch-first tensor output; the model returned {got}.")
+            return self._deaugment(view, y, size)
+
+        merger = Merger(self.merge, self.space, self.activation)
+        tracker = UncertaintyAccumulator(self.uncertainty, self.space, self.activation) if self.uncertainty else None
+        draws = Draws(draw, x, args, kwargs, merger, tracker)
+        (merged, extras), views = halt(
+            draws, len(x), self.stop, len(self.views), self.min_views, anytime=self.anytime, stats=self.stats
+        )
+        return merged, {**extras, "views": views} if self.return_views else extras
 
     def _deaugment(self, view: View, y: Tensor, size: Size) -> Tensor:
         """Map one view's output back to the input's frame, for the task."""

@@ -17,7 +17,7 @@ from ttc_lightning.checks import check_int, check_positive
 OPERATIONS = ("rotate", "shear", "translate", "scale", "hflip", "brightness", "contrast", "blur", "noise")
 
 
-def _rank() -> int:
+def process_rank() -> int:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_rank() if distributed else 0
 
@@ -53,7 +53,7 @@ class RandomAugment:
     def rng(self) -> torch.Generator:
         """The generator (seeded with ``seed + rank`` on first use)."""
         if self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.seed + _rank())
+            self.generator = torch.Generator().manual_seed(self.seed + process_rank())
         return self.generator
 
     def reseed(self) -> None:

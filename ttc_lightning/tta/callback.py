@@ -4,9 +4,12 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor
+from typing_extensions import override
 
 from ttc_lightning.callback import TestTimeCallback
+from ttc_lightning.halting import HaltingStats
 from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.stopping import StoppingRule
 from ttc_lightning.tta.augmenter import Augmenter
 from ttc_lightning.tta.transforms import TransformSpec
 
@@ -36,12 +39,24 @@ class TestTimeAugmentation(TestTimeCallback):
         uncertainty: ``True`` or names among ``std``, ``entropy``, ``mutual_info``, ``agreement``. Default ``None``.
         chunk_size: views per forward; ``None`` stacks all views of a shape, ``"auto"`` is 1 on CPU and ``None`` on
             accelerators. Default ``"auto"``.
+        stop: a :mod:`~ttc_lightning.stopping` rule: views run in order (identity first) on the samples still
+            running, and a sample stops once the rule holds on the running mean probability of its views; halted
+            samples leave the forward batch. Default ``None`` (every sample gets every view).
+        min_views: views every sample gets before ``stop`` is asked. Default ``1``.
+        anytime: with ``stop``, return each sample's merge at its best-scoring view count. Default ``False``.
+        return_views: with ``stop``, add each sample's number of views as the extra ``views``. Default ``False``.
         stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
+
+    With ``stop``, the figures ``iterations`` (mean views per sample), ``saved`` (forward samples saved vs every
+    view) and ``halted/<rule>`` (fraction of samples each rule stopped; ``halted/max_iters``: samples that saw every
+    view) appear in the progress bar and the logger, and are summarised at the end of the stage.
 
     Example::
 
         trainer = L.Trainer(callbacks=[ttc.TestTimeAugmentation(transforms="d4", merge="mean")])
         logits = trainer.predict(model, dataloaders=loader)
+
+        adaptive = ttc.TestTimeAugmentation(transforms="d4", stop=stopping.Confidence(0.95) | stopping.Stable(2))
     """
 
     role: ClassVar[str] = "augmentation"
@@ -57,14 +72,36 @@ class TestTimeAugmentation(TestTimeCallback):
         flip_pairs: Sequence[Sequence[int]] | None = None,
         uncertainty: bool | str | Sequence[str] | None = None,
         chunk_size: int | str | None = "auto",
+        stop: StoppingRule | None = None,
+        min_views: int = 1,
+        anytime: bool = False,
+        return_views: bool = False,
         stages: Sequence[str] = ("predict",),
     ) -> None:
         super().__init__(stages=stages)
         self.augmenter = Augmenter(
-            transforms, merge, task, space, activation, flip_classes, flip_pairs, uncertainty, chunk_size
+            transforms,
+            merge,
+            task,
+            space,
+            activation,
+            flip_classes,
+            flip_pairs,
+            uncertainty,
+            chunk_size,
+            stop,
+            min_views,
+            anytime,
+            return_views,
         )
 
+    @override
+    def figures(self) -> dict[str, float]:
+        return self.augmenter.stats.figures()
+
     def wrap(self, inner: Forward, context: Context) -> Forward:
+        self.augmenter.stats = HaltingStats()
+
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             output, extras = self.augmenter(inner, x, *args, **kwargs)
             context.extras.update(extras)

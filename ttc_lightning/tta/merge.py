@@ -95,6 +95,13 @@ class Merger:
         reduce = {"max": torch.amax, "min": torch.amin}.get(self.merge, torch.sum)
         self._accumulate("total", reduce(values, 0))
 
+    def keep(self, index: Tensor) -> None:
+        """Keep only the samples at ``index`` along the output's batch dimension (for per-sample halting)."""
+        if self.merge == "median":
+            raise ValueError("merge='median' keeps every view and cannot drop halted samples; pick another merge.")
+        self.total = None if self.total is None else self.total.index_select(0, index)
+        self.prob_total = None if self.prob_total is None else self.prob_total.index_select(0, index)
+
     def _accumulate(self, name: str, value: Tensor) -> None:
         """Out of place, so gradients can flow through a merge (e.g. marginal entropy over views)."""
         current = getattr(self, name)

@@ -66,6 +66,13 @@ class UncertaintyAccumulator:
             self.votes = votes if self.votes is None else self.votes + votes
         self.count += k
 
+    def keep(self, index: Tensor) -> None:
+        """Keep only the samples at ``index`` along the output's batch dimension (for per-sample halting)."""
+        for name in ("mean", "m2", "prob_total", "entropy_total", "votes"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(0, index))
+
     def _votes(self, ys: Tensor) -> Tensor:
         """Per-class (softmax) or per-label (sigmoid) counts of views deciding for it; constant memory."""
         if self.activation == "sigmoid":

@@ -1,0 +1,245 @@
+"""``IterativeInference``: repeated inference with per-sample halting, as a Lightning callback."""
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
+from typing_extensions import override
+
+from ttc_lightning.callback import TestTimeCallback
+from ttc_lightning.checks import check_choice, check_int
+from ttc_lightning.halting import Draws, HaltingStats, halt, put_rows, select_rows, tree_map
+from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.stopping import StoppingRule
+from ttc_lightning.tta.augmix import process_rank
+from ttc_lightning.tta.merge import SPACES, Merger
+
+MODES = ("refine", "sample")
+
+
+class _Refinement:
+    """The :class:`~ttc_lightning.halting.Stepper` of refinement: ``(output, state) = refine(x, state)``."""
+
+    def __init__(self, refine: Callable[..., Any], x: Tensor, args: tuple, kwargs: dict, state: Any) -> None:
+        self.refine, self.batch = refine, len(x)
+        self.running: tuple[Tensor, tuple, dict, Any] = (x, args, kwargs, state)
+        self.positions = torch.arange(len(x))
+        self.output: Tensor | None = None
+        self.final_state: Any = None
+
+    def step(self, iteration: int) -> Tensor:
+        x, args, kwargs, state = self.running
+        result = self.refine(x, state, *args, **kwargs)
+        if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], Tensor):
+            raise TypeError(f"ttc_refine(x, state) must return (output, state) with a tensor output; got {result!r}.")
+        output, state = result
+        if output.ndim == 0 or output.shape[0] != len(x):
+            raise ValueError(f"ttc_refine returned an output of shape {tuple(output.shape)} for {len(x)} samples.")
+        self.running, self.output = (x, args, kwargs, state), output
+        return output
+
+    def keep(self, index: Tensor) -> None:
+        dropped = torch.ones(len(self.positions), dtype=torch.bool)
+        dropped[index.cpu()] = False
+        self._store(dropped.nonzero().squeeze(1))
+        self.running = select_rows(self.running, index, len(self.positions))
+        self.output = select_rows(self.output, index, len(self.positions))
+        self.positions = self.positions.index_select(0, index.cpu())
+
+    def result(self, index: Tensor) -> Tensor:
+        assert self.output is not None
+        return self.output.index_select(0, index)
+
+    def finish(self) -> Any:
+        """The state each sample halted with, detached, in batch order."""
+        self._store(torch.arange(len(self.positions)))
+        return self.final_state
+
+    def _store(self, rows: Tensor) -> None:
+        state = tree_map(Tensor.detach, select_rows(self.running[3], rows, len(self.positions)))
+        if self.final_state is None:
+            self.final_state = tree_map(lambda v: v.new_zeros((self.batch, *v.shape[1:])), state)
+        self.final_state = put_rows(self.final_state, self.positions.index_select(0, rows), state)
+
+
+class IterativeInference(TestTimeCallback):
+    """Repeats inference on each sample until its stopping rule holds, removing halted samples from the batch.
+
+    The samples pushed through the model add up to the sum of per-sample iterations (active-set compaction), where
+    other systems run a batch until its slowest sample converges or keep computing masked samples. For a model whose
+    per-sample output does not depend on its batch (no batch statistics), each sample's output and iteration count
+    equal what it gets alone.
+
+    Modes:
+
+    * ``refine``: the module's ``ttc_init(x, *args, **kwargs) -> state`` and
+      ``ttc_refine(x, state, *args, **kwargs) -> (output, state)`` (recurrent refinement, fixed-point / DEQ-style
+      models, denoisers); ``state`` is a tensor or a tuple/list/dict of batch-first tensors. The prediction is the
+      last output (or the best-scoring one with ``anytime``).
+    * ``sample``: stochastic forward passes, with the model's dropout layers active (only they; everything else
+      stays in eval mode) and/or inputs drawn through ``augment``. The prediction is the running mean of the draws
+      in ``space``: with ``prob``, the log of the mean probability, so it is still a valid logit tensor.
+
+    Composition: adaptation wraps iterative inference, which wraps augmentation (``sample`` mode only: each draw is
+    then a merged augmented forward; the inner strategy's extras are dropped).
+
+    Args:
+        mode: ``refine`` or ``sample``. Default ``"sample"``.
+        stop: a :mod:`~ttc_lightning.stopping` rule decided per sample after each iteration, or ``None`` to run
+            every sample ``max_iters`` times. Default ``None``.
+        max_iters: the most iterations per sample. Default ``10``.
+        min_iters: iterations every sample gets before ``stop`` is asked (at most ``max_iters``). Default ``1``.
+        space: ``sample`` mode: average probabilities (``prob``), log-probabilities (``logprob``) or raw outputs
+            (``raw``, e.g. for regression). Default ``"prob"``.
+        augment: ``sample`` mode: a callable drawing a random view of an input batch, such as
+            :class:`~ttc_lightning.RandomAugment`. Default ``None`` (dropout alone).
+        warm_start: ``refine`` mode: start each sample from the state sample ``i`` of the previous batch halted
+            with, when that batch had the same size and came from the same dataloader (streams of similar batches,
+            such as video frames); otherwise from ``ttc_init``. Default ``False``.
+        anytime: return each sample's output at its best-scoring iteration (by the rule's score) instead of its
+            last; needs ``stop``. Default ``False``.
+        return_iterations: add each sample's iteration count as the extra ``iterations``. Default ``False``.
+        seed: ``sample`` mode: base seed of the draws; each process uses ``seed + rank``, each stage starts again
+            from it, and the global random state is left untouched. Default ``0``.
+        stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
+
+    Figures in the progress bar and the logger, and summarised at the end: ``iterations`` (mean per sample),
+    ``saved`` (fraction of forward samples saved vs ``max_iters`` each), ``halted/<rule>`` (fraction of samples
+    each rule stopped) and ``halted/max_iters`` (samples that ran out of iterations).
+
+    Example::
+
+        from ttc_lightning import stopping
+
+        mc_dropout = ttc.IterativeInference(
+            mode="sample", stop=stopping.BetaVote(0.95) | stopping.Confidence(0.99), max_iters=16
+        )
+        trainer = L.Trainer(callbacks=[mc_dropout])
+        logits = trainer.predict(model, dataloaders=loader)
+    """
+
+    role: ClassVar[str] = "iterative"
+
+    def __init__(
+        self,
+        mode: str = "sample",
+        stop: StoppingRule | None = None,
+        max_iters: int = 10,
+        min_iters: int = 1,
+        space: str = "prob",
+        augment: Callable[[Tensor], Tensor] | None = None,
+        warm_start: bool = False,
+        anytime: bool = False,
+        return_iterations: bool = False,
+        seed: int = 0,
+        stages: Sequence[str] = ("predict",),
+    ) -> None:
+        super().__init__(stages=stages)
+        check_choice("mode", mode, MODES)
+        check_choice("space", space, SPACES)
+        if stop is not None and not isinstance(stop, StoppingRule):
+            raise TypeError(f"`stop` must be a ttc_lightning.stopping rule or None; got {type(stop).__name__}.")
+        check_int("max_iters", max_iters, 1)
+        check_int("min_iters", min_iters, 1)
+        if min_iters > max_iters:
+            raise ValueError(f"`min_iters`={min_iters} must not exceed `max_iters`={max_iters}.")
+        if augment is not None and (mode != "sample" or not callable(augment)):
+            raise ValueError(f"`augment` must be a callable and needs mode='sample'; got {augment!r}, mode={mode!r}.")
+        if warm_start and mode != "refine":
+            raise ValueError(f"`warm_start` needs mode='refine'; got mode={mode!r}.")
+        if anytime and stop is None:
+            raise ValueError("`anytime` ranks iterations by the stopping rule's score: pass `stop`.")
+        check_int("seed", seed, 0)
+        self.mode, self.stop, self.max_iters, self.min_iters = mode, stop, max_iters, min_iters
+        self.space, self.augment, self.warm_start, self.anytime = space, augment, warm_start, anytime
+        self.return_iterations, self.seed = return_iterations, seed
+        self.stats = HaltingStats()
+
+    @override
+    def figures(self) -> dict[str, float]:
+        return self.stats.figures()
+
+    def wrap(self, inner: Forward, context: Context) -> Forward:
+        self.stats = HaltingStats()
+        if self.mode == "refine":
+            return self._refine(inner, context)
+        return self._sample(inner, context)
+
+    def _halt(self, stepper: Any, batch: int, running: bool, context: Context) -> Any:
+        output, iterations = halt(
+            stepper, batch, self.stop, self.max_iters, self.min_iters, running, self.anytime, self.stats
+        )
+        if self.return_iterations:
+            context.extras["iterations"] = iterations
+        return output
+
+    def _refine(self, inner: Forward, context: Context) -> Forward:
+        module = context.module
+        missing = [name for name in ("ttc_init", "ttc_refine") if not callable(getattr(module, name, None))]
+        if missing:
+            raise TypeError(
+                f"mode='refine' needs {type(module).__name__} to define ttc_init(x) -> state and "
+                f"ttc_refine(x, state) -> (output, state); missing: {', '.join(missing)}."
+            )
+        if inner is not context.base:
+            raise ValueError(
+                "mode='refine' calls ttc_refine, not forward, so test-time augmentation cannot run inside it. Use "
+                "mode='sample' with TestTimeAugmentation, or drop one of the two callbacks."
+            )
+        warm: dict[str, Any] = {}
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            previous = warm.get("state") if warm.get("key") == (len(x), context.dataloader_idx) else None
+            state = previous if previous is not None else module.ttc_init(x, *args, **kwargs)
+            stepper = _Refinement(module.ttc_refine, x, args, kwargs, state)
+            output = self._halt(stepper, len(x), False, context)
+            if self.warm_start:
+                warm.update(key=(len(x), context.dataloader_idx), state=stepper.finish())
+            return output
+
+        return forward
+
+    def _sample(self, inner: Forward, context: Context) -> Forward:
+        dropouts = [m for m in context.module.modules() if isinstance(m, _DropoutNd) and m.p > 0]
+        if self.augment is None and not dropouts:
+            raise ValueError(
+                f"mode='sample' needs randomness, but {type(context.module).__name__} has no dropout layer with p > 0 "
+                "and no `augment` was given. Pass augment=ttc.RandomAugment() or use a model with dropout."
+            )
+        generator = torch.Generator().manual_seed(self.seed + process_rank())
+        reseed = getattr(self.augment, "reseed", None)
+        if callable(reseed):
+            reseed()
+
+        def draw(iteration: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            return inner(self.augment(x) if self.augment is not None else x, *args, **kwargs)
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            inner_extras = set(context.extras)
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), _dropout_active(dropouts):
+                torch.manual_seed(seed)
+                draws = Draws(draw, x, args, kwargs, Merger("mean", self.space, "softmax"))
+                output, _ = self._halt(draws, len(x), True, context)
+            for key in set(context.extras) - inner_extras - {"iterations"}:
+                del context.extras[key]
+            return output
+
+        return forward
+
+
+@contextlib.contextmanager
+def _dropout_active(layers: list[nn.Module]) -> Iterator[None]:
+    """Dropout layers in train mode for the block, then back in their modes."""
+    modes = [layer.training for layer in layers]
+    for layer in layers:
+        layer.train()
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes, strict=True):
+            layer.train(mode)
