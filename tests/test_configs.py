@@ -28,7 +28,13 @@ def _compose(override: str):
 
 def test_every_tta_config_is_checked():
     names = {p.stem for p in (CONFIGS / "ttc" / "tta").glob("*.yaml")}
-    assert names == set(TTA_VIEWS) | {"none"}
+    assert names == set(TTA_VIEWS) | {"none", "adaptive_d4"}
+
+
+def test_adaptive_tta_config():
+    callback = instantiate(_compose("+ttc/tta=adaptive_d4").ttc.tta)
+    assert len(callback.augmenter) == 8
+    assert repr(callback.augmenter.stop) == "Confidence(0.95)"
 
 
 @pytest.mark.parametrize("name", sorted(TTA_VIEWS))
@@ -60,3 +66,25 @@ def test_ttt_config_instantiates_with_a_working_optimizer_factory(name):
 
 def test_ttt_none_is_empty():
     assert _compose("+ttc/ttt=none").ttc.ttt == {}
+
+
+ITERATIVE = {
+    "mc_dropout": ("sample", "AnyOf([BetaVote(0.95), Confidence(0.99)])", 16),
+    "refine": ("refine", "Converged(0.0001)", 100),
+}
+
+
+def test_every_iterative_config_is_checked():
+    assert {p.stem for p in (CONFIGS / "ttc" / "iterative").glob("*.yaml")} == set(ITERATIVE) | {"none"}
+
+
+@pytest.mark.parametrize("name", sorted(ITERATIVE))
+def test_iterative_config_instantiates(name):
+    mode, rule, max_iters = ITERATIVE[name]
+    callback = instantiate(_compose(f"+ttc/iterative={name}").ttc.iterative)
+    assert isinstance(callback, ttc.IterativeInference)
+    assert (callback.mode, repr(callback.stop), callback.max_iters) == (mode, rule, max_iters)
+
+
+def test_iterative_none_is_empty():
+    assert _compose("+ttc/iterative=none").ttc.iterative == {}
