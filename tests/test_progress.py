@@ -65,3 +65,18 @@ def test_strategies_without_figures_log_nothing():
     logger = Recording()
     predict([ttc.TestTimeAugmentation(), ttc.BatchNormAdapt()], logger=logger, enable_progress_bar=False)
     assert logger.calls == []
+
+
+def test_halting_figures_reach_the_bar_and_the_logger():
+    from ttc_lightning import stopping
+
+    logger = Recording()
+    tta = ttc.TestTimeAugmentation("d4", stop=stopping.Confidence(0.3))
+    trainer = predict([tta], logger=logger, enable_progress_bar=True)
+    figures = logger.calls[-1][0]
+    assert {"testtimeaugmentation/iterations", "testtimeaugmentation/saved"} <= set(figures)
+    assert 1 <= figures["testtimeaugmentation/iterations"] <= 8
+    assert figures["testtimeaugmentation/saved"] == 1 - figures["testtimeaugmentation/iterations"] / 8
+    halted = sum(v for k, v in figures.items() if k.startswith("testtimeaugmentation/halted/"))
+    assert halted == 1.0  # Confidence(0.3) or max_iters: one reason per sample
+    assert "testtimeaugmentation/iterations=" in trainer.progress_bar_callback._predict_progress_bar.postfix
