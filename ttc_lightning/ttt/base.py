@@ -1,5 +1,6 @@
 """``TestTimeTraining``: adapt a model to the test stream inside ``trainer.predict`` (and, on request, test)."""
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
@@ -93,6 +94,27 @@ class TestTimeTraining(TestTimeCallback):
     """
 
     role: ClassVar[str] = "adaptation"
+    #: :class:`TestTimeTraining` arguments a preset sets itself (its ``**options`` may not contain them).
+    fixed_options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def shared_options(cls) -> tuple[str, ...]:
+        """The :class:`TestTimeTraining` arguments a preset takes through ``**options``: those it neither names in
+        its own signature nor sets itself."""
+        own = inspect.signature(cls.__init__).parameters
+        base = inspect.signature(TestTimeTraining.__init__).parameters
+        return tuple(name for name in base if name != "self" and name not in own and name not in cls.fixed_options)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Raise ``TypeError`` for a preset option that is not a shared :class:`TestTimeTraining` argument."""
+        bad = [name for name in options if name not in cls.shared_options()]
+        if bad:
+            raise TypeError(
+                f"{cls.__name__} got unexpected option(s) {', '.join(map(repr, bad))}; it sets "
+                f"{', '.join(cls.fixed_options) or 'nothing'} itself and accepts its own arguments plus "
+                f"{', '.join(cls.shared_options())}."
+            )
 
     def __init__(
         self,

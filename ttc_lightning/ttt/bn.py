@@ -1,6 +1,6 @@
 """``BatchNormAdapt``: statistics-only test-time adaptation of BatchNorm layers."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ttc_lightning.ttt.base import TestTimeTraining
 
@@ -24,6 +24,8 @@ class BatchNormAdapt(TestTimeTraining):
         trainer = L.Trainer(callbacks=[ttc.BatchNormAdapt()])
     """
 
+    fixed_options: ClassVar[tuple[str, ...]] = ("optimizer", "norm_alpha", "norm_momentum")
+
     def __init__(
         self,
         norm: str = "batch",
@@ -31,6 +33,7 @@ class BatchNormAdapt(TestTimeTraining):
         momentum: float = 0.1,
         **options: Any,
     ) -> None:
+        self.check_options(options)
         super().__init__(
             optimizer=None,
             norm=norm,

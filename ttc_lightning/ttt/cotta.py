@@ -3,7 +3,7 @@
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,8 @@ class CoTTA(TestTimeTraining):
             ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
     """
 
+    fixed_options: ClassVar[tuple[str, ...]] = ("norm",)
+
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3),  # noqa: B008
@@ -67,6 +69,7 @@ class CoTTA(TestTimeTraining):
         steps: int = 1,
         **options: Any,
     ) -> None:
+        self.check_options(options)
         super().__init__(optimizer=optimizer, params=params, norm="batch", steps=steps, **options)
         for name, value in (("ema", ema), ("restore_prob", restore_prob), ("anchor_threshold", anchor_threshold)):
             if not 0 <= value <= 1:

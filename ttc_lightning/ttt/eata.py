@@ -3,7 +3,7 @@
 import functools
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,8 @@ class EATA(TestTimeTraining):
             ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
     """
 
+    fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset")
+
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.00025, momentum=0.9),  # noqa: B008
@@ -100,6 +102,7 @@ class EATA(TestTimeTraining):
         **options: Any,
     ) -> None:
         self.eata = EATAObjective(e_margin, d_margin)
+        self.check_options(options)
         super().__init__(
             optimizer=optimizer,
             objective=self.eata,

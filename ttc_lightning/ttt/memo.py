@@ -2,7 +2,7 @@
 
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -50,6 +50,8 @@ class MEMO(TestTimeTraining):
             ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
     """
 
+    fixed_options: ClassVar[tuple[str, ...]] = ("norm", "norm_alpha", "reset")
+
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.005),  # noqa: B008
@@ -62,6 +64,7 @@ class MEMO(TestTimeTraining):
         params: ParamSpec = "all",
         **options: Any,
     ) -> None:
+        self.check_options(options)
         super().__init__(
             optimizer=optimizer,
             params=params,

@@ -3,7 +3,7 @@
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -57,6 +57,8 @@ class SAR(TestTimeTraining):
             ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
     """
 
+    fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset", "reset_on_collapse")
+
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.00025, momentum=0.9),  # noqa: B008
@@ -71,6 +73,7 @@ class SAR(TestTimeTraining):
         if isinstance(reset_below, bool) or not isinstance(reset_below, int | float) or reset_below < 0:
             raise ValueError(f"`reset_below`={reset_below!r} must be a non-negative number.")
         self.reliable = ReliableEntropy(e_margin)
+        self.check_options(options)
         super().__init__(
             optimizer=optimizer,
             objective=self.reliable,

@@ -1,7 +1,7 @@
 """``Tent``: test entropy minimisation (Wang et al., ICLR 2021)."""
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,6 +33,8 @@ class Tent(TestTimeTraining):
         trainer = L.Trainer(callbacks=[ttc.Tent(optimizer=functools.partial(torch.optim.Adam, lr=1e-3))])
     """
 
+    fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset")
+
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3),  # noqa: B008
@@ -41,6 +43,7 @@ class Tent(TestTimeTraining):
         params: ParamSpec = "batchnorm",
         **options: Any,
     ) -> None:
+        self.check_options(options)
         super().__init__(
             optimizer=optimizer,
             objective="entropy",
