@@ -5,7 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf.errors import ConfigKeyError
+from schemas import register
 
 import ttc_lightning as ttc
 
@@ -21,9 +24,10 @@ TTT = {
 }
 
 
-def _compose(override: str):
+def _compose(*overrides: str):
+    register()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return compose(overrides=[override])
+        return compose(overrides=list(overrides))
 
 
 def test_every_tta_config_is_checked():
@@ -88,3 +92,41 @@ def test_iterative_config_instantiates(name):
 
 def test_iterative_none_is_empty():
     assert _compose("+ttc/iterative=none").ttc.iterative == {}
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["+ttc/ttt=tent", "ttc.ttt.episodc=true"], "episodc"),
+        (["+ttc/ttt=eata", "ttc.ttt.keep_adpated=true"], "keep_adpated"),
+        (["+ttc/tta=d4", "ttc.tta.merg=max"], "merg"),
+        (["+ttc/iterative=refine", "ttc.iterative.max_iter=5"], "max_iter"),
+    ],
+)
+def test_a_misspelt_argument_on_the_command_line_fails_at_composition(overrides, key):
+    with pytest.raises(ConfigCompositionException, match=key):
+        _compose(*overrides)
+
+
+def test_a_misspelt_argument_in_a_users_config_file_fails_at_composition(tmp_path):
+    (tmp_path / "ttc" / "ttt").mkdir(parents=True)
+    (tmp_path / "ttc" / "ttt" / "my_tent.yaml").write_text("defaults:\n  - tent_schema\n  - _self_\nstpes: 3\n")
+    register()
+    with (
+        initialize_config_dir(config_dir=str(tmp_path), version_base=None),
+        pytest.raises((ConfigCompositionException, ConfigKeyError), match="stpes"),
+    ):
+        compose(overrides=["+ttc/ttt=my_tent"])
+
+
+def test_schemas_accept_shared_options_and_other_optimizers():
+    cfg = _compose(
+        "+ttc/ttt=tent",
+        "ttc.ttt.keep_adapted=true",
+        "ttc.ttt.optimizer._target_=torch.optim.SGD",
+        "+ttc.ttt.optimizer.momentum=0.5",
+    )
+    tent = instantiate(cfg.ttc.ttt)
+    assert tent.keep_adapted
+    optimizer = tent.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.5
