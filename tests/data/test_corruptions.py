@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from digits import digits
 
 import ttc_lightning.data as data
-from ttc_lightning.data import CORRUPTIONS, FAMILIES, corrupt
+from ttc_lightning.data import CORRUPTIONS, FAMILIES, corrupt, corruptions
 from ttc_lightning.data.corruptions import pixelate_sizes, spatial_scale
 
 DETERMINISTIC = ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression")
@@ -176,6 +176,26 @@ def test_defocus_blur_at_32px_is_cifar_10_c(severity):
         [[scipy.ndimage.correlate(channel, kernel, mode="mirror") for channel in image] for image in x.double().numpy()]
     )
     torch.testing.assert_close(corrupt(x.double(), "defocus_blur", severity), torch.from_numpy(expected).clamp(0, 1))
+
+
+@pytest.mark.parametrize(
+    ("side", "scale", "taps"),
+    [
+        (64, None, np.array([1, 2, 2, 2, 2, 2, 1]) / 12),  # each tap a 2 px box straddling pixel borders
+        (24, 0.5, np.array([1, 4, 1]) / 6),  # each tap a half-pixel box: the outer ones split between two pixels
+    ],
+)
+def test_defocus_kernel_scales_with_the_image(monkeypatch, side, scale, taps):
+    """Severity 5's kernel (CIFAR-10-C: the 3x3 disk, alias blur negligible) stretched by the spatial scale, its
+    area kept: written out by hand."""
+    if scale is not None:
+        monkeypatch.setattr(corruptions, "spatial_scale", lambda height, width: scale)
+    x = smooth_rgb(2, side, side).double()
+    kernel = np.outer(taps, taps)
+    expected = np.stack(
+        [[scipy.ndimage.correlate(channel, kernel, mode="mirror") for channel in image] for image in x.numpy()]
+    )
+    torch.testing.assert_close(corrupt(x, "defocus_blur", 5), torch.from_numpy(expected).clamp(0, 1))
 
 
 LUMINANCE = np.array(
