@@ -231,12 +231,13 @@ def test_limited_batches_are_refused(limits, tmp_path, make_trainer):
 def write_part(path, rank, world, batches, lengths=(4,), run="r", footer=True):
     """A part file: ``batches`` are (dataloader, indices) pairs; each sample's value is its index (as a float)."""
     part = _PartWriter(f"{path}.rank{rank}.part", {"run": run, "rank": rank, "world_size": world, "lengths": lengths})
-    counts = [0] * len(lengths or ())
+    written = [[] for _ in lengths or ()]
     for dataloader, indices in batches:
-        indices = torch.tensor(indices)
-        part.write(dataloader, {"indices": indices, "skeleton": 0, "leaves": [indices.float()]})
-        counts[dataloader] += len(indices)
-    part.close({"samples": counts} if footer else None)
+        values = torch.tensor(indices, dtype=torch.float)
+        part.write(dataloader, {"indices": torch.tensor(indices), "skeleton": 0, "leaves": [values]})
+        written[dataloader] += indices
+    ordered = [w == sorted(set(w)) for w in written]  # strictly increasing
+    part.close({"samples": [len(w) for w in written], "ordered": ordered} if footer else None)
 
 
 @pytest.mark.parametrize(
@@ -258,14 +259,24 @@ def test_merge_finds_repeated_missing_and_foreign_indices(first, second, match, 
     assert leftovers(tmp_path) == ["p.pt.rank0.part", "p.pt.rank1.part"]  # kept for another try
 
 
-def test_merge_of_unordered_parts_needs_one_file(tmp_path):
+@pytest.mark.parametrize("unordered", [[(0, [2, 0])], [(0, [2]), (0, [0])]], ids=["in a batch", "across batches"])
+def test_merge_of_unordered_parts_needs_one_file(unordered, tmp_path):
     path = tmp_path / "p.pt"
-    write_part(path, 0, 2, [(0, [2, 0])])
-    write_part(path, 1, 2, [(0, [3]), (0, [1])])
+    write_part(path, 0, 2, unordered)
+    write_part(path, 1, 2, [(0, [1, 3])])
     with pytest.raises(RuntimeError, match="not strictly increasing"):
         merge_parts(path, shard_size=2)
     merge_parts(path)
     assert torch.equal(torch.load(path), torch.arange(4.0))
+
+
+def test_parts_of_a_shuffled_run_merge_into_one_file_not_into_shards(tmp_path, make_trainer):
+    path = tmp_path / "p.pt"
+    make_trainer([PredictionWriter(path, merge=False)]).predict(Net(), data(shuffle=True))
+    with pytest.raises(RuntimeError, match=r"p.pt.rank0.part are not strictly increasing .* shuffle=False"):
+        merge_parts(path, shard_size=5)
+    merge_parts(path)
+    torch.testing.assert_close(torch.load(path), expected())
 
 
 def test_merge_with_an_empty_rank_and_several_dataloaders(tmp_path):
@@ -303,7 +314,7 @@ def test_merge_refuses_parts_whose_shapes_disagree(tmp_path):
     write_part(path, 0, 2, [(0, [0, 2])])
     part = _PartWriter(f"{path}.rank1.part", {"run": "r", "rank": 1, "world_size": 2, "lengths": (4,)})
     part.write(0, {"indices": torch.tensor([1, 3]), "skeleton": 0, "leaves": [torch.zeros(2, 5)]})
-    part.close({"samples": [2]})
+    part.close({"samples": [2], "ordered": [True]})
     with pytest.raises(ValueError, match=r"per-sample shape \(5,\) .* but \(\) and"):
         merge_parts(path)
 

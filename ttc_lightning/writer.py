@@ -5,8 +5,9 @@ Each rank appends its batches, with their dataset indices, to its own part file 
 parts into ``path`` in dataset order, checks that every index of the dataset was written exactly once, and removes
 the parts. A part file is a sequence of frames: a tag and a payload size (two little-endian 64-bit integers), then a
 ``torch.save`` payload. Tag -1 is the header (run id, rank, world size, dataset lengths), tag -2 the footer (samples
-written per dataloader), a tag ``d >= 0`` one batch of dataloader ``d`` (its dataset indices, the structure of the
-prediction and its tensors). Everything saved loads with ``torch.load(..., weights_only=True)``.
+written per dataloader, and whether their indices increased), a tag ``d >= 0`` one batch of dataloader ``d`` (its
+dataset indices, the structure of the prediction and its tensors). Everything saved loads with
+``torch.load(..., weights_only=True)``.
 """
 
 import io
@@ -18,6 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.overrides.distributed import _IndexBatchSamplerWrapper
 from lightning.pytorch.utilities import rank_zero_warn
@@ -182,26 +184,16 @@ class _Part:
 class _Cursor:
     """A position in one part's batches of one dataloader; one batch in memory at a time."""
 
-    def __init__(self, part: _Part, dataloader: int, ordered: bool) -> None:
-        self.part, self._dataloader, self._ordered = part, dataloader, ordered
+    def __init__(self, part: _Part, dataloader: int) -> None:
+        self.part = part
         self._records = part.records(dataloader)
-        self.record: dict[str, Any] | None = None
         self.advance()
 
     def advance(self) -> None:
         """Load the next batch (``record`` becomes ``None`` after the last); ``fresh`` until its template is checked."""
-        last = int(self.record["indices"][-1]) if self.record is not None else -1
-        self.record, self.position = next(self._records, None), 0
+        self.record: dict[str, Any] | None = next(self._records, None)
+        self.position = 0
         self.fresh = self.record is not None
-        if self._ordered and self.record is not None:
-            indices = self.record["indices"]
-            if int(indices[0]) <= last or bool((indices[1:] <= indices[:-1]).any()):
-                raise RuntimeError(
-                    f"PredictionWriter: the dataset indices of dataloader {self._dataloader} in {self.part.path} are "
-                    "not strictly increasing (a shuffled predict DataLoader, a custom sampler or repeated samples), "
-                    "but shards are merged in one pass that needs each rank's samples in dataset order. Use "
-                    "shuffle=False, or merge without shards: merge_parts(path) (the part files are kept)."
-                )
 
 
 def _check_counts(counts: Tensor, start: int, dataloader: int) -> None:
@@ -224,7 +216,7 @@ def _merge(parts: Sequence[_Part], dataloader: int, length: int, shard_size: int
     each with its size. Without shards the ranks' batches may come in any order; with shards each rank's indices must
     increase, so that one pass with one batch per rank in memory fills each window."""
     ordered = shard_size is not None
-    cursors = [_Cursor(part, dataloader, ordered) for part in parts]
+    cursors = [_Cursor(part, dataloader) for part in parts]
     template: Template | None = None
     for start in range(0, length, shard_size or length):
         stop = min(start + (shard_size or length), length)
@@ -315,6 +307,14 @@ def merge_parts(path: str | os.PathLike, shard_size: int | None = None) -> None:
             raise RuntimeError(
                 f"PredictionWriter: {part.path} comes from another run than {first.path}; remove stale part files."
             )
+    for part in parts if shard_size is not None else ():
+        if not all(part.footer["ordered"]):
+            raise RuntimeError(
+                f"PredictionWriter: the dataset indices in {part.path} are not strictly increasing (a shuffled predict "
+                "DataLoader, a custom sampler or repeated samples), but shards are merged in one pass that needs each "
+                "rank's samples in dataset order. Use shuffle=False, or merge without shards: merge_parts(path) (the "
+                "part files are kept)."
+            )
     found = [part.header["lengths"] for part in parts if part.header["lengths"] is not None]
     if any(lengths != found[0] for lengths in found):
         raise RuntimeError(f"PredictionWriter: the ranks' parts disagree on the dataset lengths: {found}.")
@@ -372,12 +372,14 @@ class PredictionWriter(BasePredictionWriter):
     batch. With several predict dataloaders the file holds a list with one such output per dataloader (``None`` for
     one without samples).
 
-    How it works: each rank appends its batches, with the dataset indices Lightning records for a prediction writer,
-    to a part file ``{path}.rank{r}.part`` next to ``path``; nothing is kept in memory, so it works with
-    ``trainer.predict(..., return_predictions=False)`` and with ``strategy="ddp_spawn"`` (which requires it). When the
-    run ends, rank 0 merges the parts in dataset order while the other ranks wait (for outputs that take rank 0
-    longer than the process group's timeout to merge, raise ``DDPStrategy(timeout=...)`` or use ``merge=False``),
-    then every rank returns; a merge error is raised on every rank, and the parts are kept.
+    How it works: each rank copies every batch's prediction to the CPU and appends it, with the dataset indices
+    Lightning records for a prediction writer, to a part file ``{path}.rank{r}.part`` next to ``path``; the writer
+    keeps nothing in memory, so it works with ``trainer.predict(..., return_predictions=False)`` and with
+    ``strategy="ddp_spawn"`` (which requires it). When the run ends, rank 0 merges the parts in dataset order while
+    the other ranks wait, then every rank returns; a merge error is raised on every rank, and the parts are kept. The
+    merge of one file holds the whole output in rank 0's memory; with shards it holds one shard and one batch per
+    rank. For outputs that take rank 0 longer than the process group's timeout to merge, raise
+    ``DDPStrategy(timeout=...)`` or use ``merge=False`` and :func:`merge_parts`.
 
     Checks: with several ranks, a predict dataloader whose sampler gives every rank the whole dataset
     (``Trainer(use_distributed_sampler=False)`` with a plain sampler) or pads or drops samples (torch's
@@ -398,7 +400,8 @@ class PredictionWriter(BasePredictionWriter):
         shard_size: ``None`` (default) writes one file. An int writes shards of that many samples,
             ``{stem}.00000{suffix}``, ... (``{stem}.dl{d}.00000{suffix}`` with several dataloaders), merged in one
             pass with one shard in memory, and ``path`` holds the index that :func:`load_predictions` reads. Shards
-            need each rank's samples in dataset order: a shuffled predict dataloader is refused.
+            need each rank's samples in dataset order: a shuffled predict dataloader is refused. Shards beyond the
+            index left by an earlier run into the same ``path`` are not removed.
         merge: ``True`` (default) merges on rank 0 at the end of the run; ``False`` leaves the part files for
             :func:`merge_parts`.
 
@@ -424,6 +427,8 @@ class PredictionWriter(BasePredictionWriter):
         self._part: _PartWriter | None = None
         self._indexed: list[bool] = []
         self._counts: list[int] = []
+        self._last: list[int] = []
+        self._ordered: list[bool] = []
         self._templates: dict[int, Template] = {}
 
     @override
@@ -432,7 +437,7 @@ class PredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         self._run = trainer.strategy.broadcast(uuid.uuid4().hex, src=0)
-        self._part, self._indexed, self._counts, self._templates = None, [], [], {}
+        self._part, self._indexed, self._counts, self._last, self._ordered, self._templates = None, [], [], [], [], {}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
     def _check_dataloader(self, trainer: pl.Trainer, dataloader: int, loader: object) -> int | None:
@@ -451,9 +456,10 @@ class PredictionWriter(BasePredictionWriter):
                     "arrival order)."
                 )
             return None
-        if trainer.num_predict_batches[dataloader] < len(loader):  # type: ignore[arg-type]
+        batches = sized_len(loader)
+        if batches is not None and trainer.num_predict_batches[dataloader] < batches:
             raise ValueError(
-                f"{where} runs {trainer.num_predict_batches[dataloader]} of its {len(loader)} batches "  # type: ignore[arg-type]
+                f"{where} runs {trainer.num_predict_batches[dataloader]} of its {batches} batches "
                 "(limit_predict_batches or fast_dev_run), which would leave samples out; predict a Subset instead."
             )
         sampler = getattr(batch_sampler, "sampler", None)
@@ -479,7 +485,7 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loaders = CombinedLoader(trainer.predict_dataloaders, "sequential").flattened
         lengths = [self._check_dataloader(trainer, d, loader) for d, loader in enumerate(loaders)]
-        self._counts = [0] * len(loaders)
+        self._counts, self._last, self._ordered = [0] * len(loaders), [-1] * len(loaders), [True] * len(loaders)
         self._open(trainer, lengths)
 
     def _open(self, trainer: pl.Trainer, lengths: list[int | None] | None) -> None:
@@ -518,6 +524,9 @@ class PredictionWriter(BasePredictionWriter):
         copies = [leaf.detach().to("cpu", copy=True) for leaf in leaves]  # compact: a view would save its whole base
         self._part.write(dataloader_idx, {"indices": indices, "skeleton": skeleton, "leaves": copies})
         self._counts[dataloader_idx] += size
+        increasing = bool((indices[1:] > indices[:-1]).all()) and int(indices[0]) > self._last[dataloader_idx]
+        self._ordered[dataloader_idx] &= increasing
+        self._last[dataloader_idx] = int(indices[-1])
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -526,7 +535,7 @@ class PredictionWriter(BasePredictionWriter):
         if self._part is None:  # Lightning skipped the loop on this rank (no batches): an empty part
             self._open(trainer, None)
         assert self._part is not None
-        self._part.close({"samples": self._counts})
+        self._part.close({"samples": self._counts, "ordered": self._ordered})
         self._part = None
         trainer.strategy.barrier("PredictionWriter.merge")
         error: Exception | None = None
