@@ -75,6 +75,13 @@ class StrideSampler(DistributedSampler):
         return len(self._indices())
 
 
+class EverythingSampler(StrideSampler):
+    """Every rank gets the whole dataset, unnoticed before the run (a custom DistributedSampler)."""
+
+    def _indices(self) -> range:
+        return range(len(self.dataset))
+
+
 def configs(out: str) -> dict:
     """name: (writer, module, dataloaders, extra Trainer arguments, return_predictions)."""
     return {
@@ -89,6 +96,13 @@ def configs(out: str) -> dict:
             DataLoader(TensorDataset(inputs(1), torch.arange(1)), sampler=StrideSampler(1)),
             {},
             False,
+        ),
+        "repeating_sampler": (
+            PredictionWriter(f"{out}/repeated.pt"),
+            Net(),
+            DataLoader(TensorDataset(inputs(), torch.arange(SAMPLES)), sampler=EverythingSampler(SAMPLES)),
+            {},
+            True,
         ),
         "no_distributed_sampler": (
             PredictionWriter(f"{out}/never.pt"),

@@ -350,10 +350,21 @@ def ddp(tmp_path_factory):
 
 def test_ddp_runs_through_and_leaves_no_part(ddp):
     out, errors = ddp
-    expected_to_fail = {"no_distributed_sampler", "torch_sampler", "iterable"}
+    expected_to_fail = {"repeating_sampler", "no_distributed_sampler", "torch_sampler", "iterable"}
     for rank in (0, 1):
         assert {name for name, error in errors[rank].items() if error} == expected_to_fail
-    assert leftovers(out) == ["unmerged.pt.rank0.part", "unmerged.pt.rank1.part"]
+    assert leftovers(out) == [f"{name}.rank{rank}.part" for name in ("repeated.pt", "unmerged.pt") for rank in (0, 1)]
+
+
+def test_ddp_merge_error_is_raised_on_every_rank(ddp):
+    out, errors = ddp
+    repeated = "of the dataset indices 0..16 of dataloader 0, 17 written more than once (first: [0, 1, 2"
+    assert errors[0]["repeating_sampler"].startswith("RuntimeError: PredictionWriter: " + repeated)
+    assert errors[1]["repeating_sampler"].startswith(
+        "RuntimeError: PredictionWriter: rank 0 could not merge the predictions: RuntimeError: PredictionWriter: "
+        + repeated
+    )
+    assert not (out / "repeated.pt").exists()
 
 
 def test_ddp_tensor_output_equals_the_single_process_reference(ddp):
@@ -375,19 +386,22 @@ def test_ddp_dict_shards_batch_one_two_dataloaders_and_an_empty_rank(ddp):
 
 def test_ddp_parts_left_by_merge_false_merge_afterwards(ddp, tmp_path):
     out, _ = ddp
-    for rank in (0, 1):  # a copy to merge into shards as well
-        shutil.copy(out / f"unmerged.pt.rank{rank}.part", tmp_path / f"copy.pt.rank{rank}.part")
     assert not (out / "unmerged.pt").exists()
-    merge_parts(out / "unmerged.pt")
-    check_extras(torch.load(out / "unmerged.pt"))
-    merge_parts(tmp_path / "copy.pt", shard_size=6)
-    assert torch.load(tmp_path / "copy.pt")["sizes"] == [6, 6, 5]
-    check_extras(load_predictions(tmp_path / "copy.pt"))
+    for name in ("one.pt", "sharded.pt"):
+        for rank in (0, 1):
+            shutil.copy(out / f"unmerged.pt.rank{rank}.part", tmp_path / f"{name}.rank{rank}.part")
+    merge_parts(tmp_path / "one.pt")
+    check_extras(torch.load(tmp_path / "one.pt"))
+    merge_parts(tmp_path / "sharded.pt", shard_size=6)
+    assert torch.load(tmp_path / "sharded.pt")["sizes"] == [6, 6, 5]
+    check_extras(load_predictions(tmp_path / "sharded.pt"))
+    assert leftovers(tmp_path) == []
 
 
 def test_ddp_refuses_samplers_that_repeat_samples_on_every_rank(ddp):
     _, errors = ddp
-    assert errors[0] == errors[1]
+    for name in ("no_distributed_sampler", "torch_sampler", "iterable"):
+        assert errors[0][name] == errors[1][name]
     assert "uses a SequentialSampler on 2 ranks" in errors[0]["no_distributed_sampler"]
     assert "use_distributed_sampler=True" in errors[0]["no_distributed_sampler"]
     assert "DistributedSampler on 17 samples and 2 ranks, which repeats samples" in errors[0]["torch_sampler"]
