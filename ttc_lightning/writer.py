@@ -524,9 +524,10 @@ class PredictionWriter(BasePredictionWriter):
         copies = [leaf.detach().to("cpu", copy=True) for leaf in leaves]  # compact: a view would save its whole base
         self._part.write(dataloader_idx, {"indices": indices, "skeleton": skeleton, "leaves": copies})
         self._counts[dataloader_idx] += size
-        increasing = bool((indices[1:] > indices[:-1]).all()) and int(indices[0]) > self._last[dataloader_idx]
-        self._ordered[dataloader_idx] &= increasing
-        self._last[dataloader_idx] = int(indices[-1])
+        if size:  # an iterable dataset's batch may be empty
+            increasing = bool((indices[1:] > indices[:-1]).all()) and int(indices[0]) > self._last[dataloader_idx]
+            self._ordered[dataloader_idx] &= increasing
+            self._last[dataloader_idx] = int(indices[-1])
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
