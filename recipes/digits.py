@@ -14,6 +14,26 @@ from torch.utils.data import DataLoader, TensorDataset
 import ttc_lightning as ttc
 from ttc_lightning.tta.transforms import View
 
+SHIFTS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+def shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """Translate the last two dimensions by ``(dy, dx)`` pixels, filling with zeros."""
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1))
+    return padded[..., 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
+
+
+@ttc.register_transform("shift")
+class Shift(ttc.Transform):
+    """One-pixel translations (identity first); no inverse, so classification only."""
+
+    def __init__(self, shifts: tuple[tuple[int, int], ...] = SHIFTS) -> None:
+        super().__init__(shifts)
+
+    def augment(self, x: Tensor, param: tuple[int, int]) -> Tensor:
+        return shift(x, *param) if param != (0, 0) else x
+
 
 def digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A stratified 60/40 train/test split of the 1,797 digits as ``(N, 1, 8, 8)`` images in ``[0, 1]``."""

@@ -12,31 +12,10 @@ Run: ``python recipes/tta_demo.py`` (after ``bash .ci/setup``).
 
 import torch
 import torch.nn.functional as F
-from digits import digits, predict, quiet, train
+from digits import SHIFTS, digits, predict, quiet, shift, train
 from torch import Tensor
 
 import ttc_lightning as ttc
-
-SHIFTS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0))
-
-
-def shift(x: Tensor, dy: int, dx: int) -> Tensor:
-    """Translate the last two dimensions by ``(dy, dx)`` pixels, filling with zeros."""
-    height, width = x.shape[-2:]
-    padded = F.pad(x, (1, 1, 1, 1))
-    return padded[..., 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
-
-
-@ttc.register_transform("shift")
-class Shift(ttc.Transform):
-    """One-pixel translations (identity first); no inverse, so classification only."""
-
-    def __init__(self, shifts: tuple[tuple[int, int], ...] = SHIFTS) -> None:
-        super().__init__(shifts)
-
-    def augment(self, x: Tensor, param: tuple[int, int]) -> Tensor:
-        return shift(x, *param) if param != (0, 0) else x
-
 
 TRAIN_VIEWS = ttc.Augmenter(transforms=["shift", "multiscale"]).views
 

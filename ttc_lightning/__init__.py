@@ -1,6 +1,6 @@
 """ttc-lightning: test-time compute (augmentation, adaptation, iterative inference) for PyTorch Lightning."""
 
-from ttc_lightning import stopping
+from ttc_lightning import data, stopping
 from ttc_lightning.callback import TestTimeCallback
 from ttc_lightning.iterative import IterativeInference
 from ttc_lightning.mixin import TestTimeComputeMixin
@@ -29,6 +29,7 @@ from ttc_lightning.ttt.eata import EATA
 from ttc_lightning.ttt.memo import MEMO
 from ttc_lightning.ttt.sar import SAR
 from ttc_lightning.ttt.tent import Tent
+from ttc_lightning.writer import PredictionWriter, load_predictions, merge_parts
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "Identity",
     "IterativeInference",
     "Multiply",
+    "PredictionWriter",
     "RandomAugment",
     "Resize",
     "Rotate90",
@@ -59,6 +61,9 @@ __all__ = [
     "Transpose",
     "VFlip",
     "__version__",
+    "data",
+    "load_predictions",
+    "merge_parts",
     "register_transform",
     "stopping",
 ]

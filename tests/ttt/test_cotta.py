@@ -42,7 +42,7 @@ def cotta_reference(net, batches, optimizer, threshold, views, seed, ema=0.999, 
             confidence = anchor(x).softmax(1).max(1)[0].mean(0).item()
             standard = teacher(x)
             if confidence < threshold:
-                target = torch.stack([teacher(augment(x)) for _ in range(views)]).mean(0)
+                target = torch.stack([teacher(v) for v in augment(x.repeat(views, 1, 1, 1)).chunk(views)]).mean(0)
             else:
                 target = standard
         out = student(x)

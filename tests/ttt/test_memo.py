@@ -55,7 +55,7 @@ def memo_reference(net, batches, optimizer, views, seed, alpha=ALPHA, steps=1, e
             model = copy.deepcopy(source)
             opt = optimizer(model.parameters())
         for _ in range(steps):
-            v = torch.cat([augment(x) for _ in range(views)])
+            v = augment(x.repeat(views, 1, 1, 1))
             logits = mixed_forward(model, v, alpha).view(views, x.shape[0], -1)
             mean = logits.softmax(2).mean(0)
             loss = -(mean * mean.log()).sum(1).mean()
@@ -164,7 +164,7 @@ def test_composed_with_tta_predicts_the_merged_adapted_model(chunk_size):
     for pred, xb in zip(preds, x.split(8), strict=True):
         ref = copy.deepcopy(model.net)
         opt = SGD(ref.parameters())
-        v = torch.cat([augment(xb) for _ in range(2)])
+        v = augment(xb.repeat(2, 1, 1, 1))
         mean = mixed_forward(ref, v, ALPHA).view(2, 8, -1).softmax(2).mean(0)
         (-(mean * mean.log()).sum(1).mean()).backward()
         opt.step()

@@ -96,7 +96,9 @@ class CoTTA(TestTimeTraining):
             with swapped(self._params, self.teacher):
                 target = forward(x, *args, **kwargs)
                 if self.anchor_confidence < self.anchor_threshold:
-                    target = torch.stack([forward(self.augment(x), *args, **kwargs) for _ in range(self.views)]).mean(0)
+                    # all views drawn in one call (per-sample draws), then one forward per view as in CoTTA
+                    views = self.augment(x.repeat(self.views, *[1] * (x.ndim - 1))).chunk(self.views)
+                    target = torch.stack([forward(view, *args, **kwargs) for view in views]).mean(0)
         student = forward(x, *args, **kwargs)
         loss = -(target.softmax(1) * student.log_softmax(1)).sum(1).mean()
         return Loss(loss), target

@@ -86,7 +86,7 @@ class MEMO(TestTimeTraining):
             logits = torch.stack([forward(view.augment(x), *args, **kwargs) for view in self.tta_views])
             return Loss(marginal_entropy(logits)), None
         batch = x.shape[0]
-        views = torch.cat([self.augment(x) for _ in range(self.views)])
+        views = self.augment(x.repeat(self.views, *[1] * (x.ndim - 1)))  # per-sample draws, in one call
         extra = [repeat_batch_first(a, batch, self.views) for a in args]
         named = {k: repeat_batch_first(v, batch, self.views) for k, v in kwargs.items()}
         logits = forward(views, *extra, **named)

@@ -1,0 +1,143 @@
+"""The Hydra recipes end to end: a reduced benchmark, a sweep and its aggregation, and the entry-point configs."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from schemas import register
+
+import ttc_lightning as ttc
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+#: A benchmark small enough for the test suite: 1 training epoch, 120 test digits, 2 corruptions, 2 severities.
+SMALL = ["train.epochs=1", "train.progress_bar=false", "subset=120", "corruptions=[gaussian_noise,contrast]"]
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "recipes")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / script), *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_reduced_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    stdout = run(
+        "benchmark.py",
+        *SMALL,
+        "methods=[source,bn,tent,tta]",
+        "severities=[3,5]",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["source", "bn", "tent", "tta"]
+    for row in results.values():
+        assert set(row) == {"gaussian_noise", "contrast", "clean", "mean"}
+        assert row["mean"] == pytest.approx((row["gaussian_noise"] + row["contrast"]) / 2)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * (1 + 2 * 2)  # methods x (clean + corruptions x severities)
+    for r in rows:
+        if r["severity"] == "5":
+            assert float(r["error"]) == pytest.approx(results[r["method"]][r["corruption"]], abs=1e-3)
+    assert (out / "severity.png").stat().st_size > 0
+    assert "| method | clean | gauss | contr | mean | NLL | ECE % |" in stdout
+    # the cached source model is reused
+    again = run(
+        "benchmark.py",
+        *SMALL,
+        "methods=[source]",
+        "severities=[5]",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'again'}",
+        cwd=tmp_path,
+    )
+    assert "Source model loaded from" in again
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["source"] == pytest.approx(
+        {k: v for k, v in results["source"].items()}
+    )
+
+
+def test_a_sweep_over_ttc_groups_and_its_aggregation(tmp_path):
+    sweep = tmp_path / "sweep"
+    run(
+        "benchmark.py",
+        "-m",
+        "ttc/ttt=none,bn",
+        *SMALL,
+        "severities=[5]",
+        f"train.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert [json.loads((sweep / str(i) / "results.json").read_text()).keys() for i in (0, 1)] == [
+        {"source": 0}.keys(),
+        {"bn": 0}.keys(),
+    ]
+    stdout = run("aggregate.py", str(sweep), cwd=tmp_path)
+    merged = json.loads((sweep / "results.json").read_text())
+    assert list(merged) == ["source", "bn"] and "| bn |" in stdout
+
+
+def _compose(name: str, *overrides: str):
+    register()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(config_name=name, overrides=list(overrides), return_hydra_config=False)
+
+
+def test_benchmark_suite_instantiates_every_method():
+    import digits  # noqa: F401  (registers the "shift" transform of the TTA policy)
+
+    cfg = _compose("benchmark")
+    kinds = {name: type(instantiate(node)) for name, node in cfg.suite.items()}
+    assert kinds == {
+        "bn": ttc.BatchNormAdapt,
+        "tent": ttc.Tent,
+        "eata": ttc.EATA,
+        "sar": ttc.SAR,
+        "memo": ttc.MEMO,
+        "cotta": ttc.CoTTA,
+        "tta": ttc.TestTimeAugmentation,
+    }
+    assert set(cfg.methods) == {"source", *kinds}
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
+def test_predict_config_composes_for_each_trainer(trainer):
+    cfg = _compose("predict", f"trainer={trainer}", "ttc/ttt=tent", "ttc/tta=hflip")
+    assert cfg.trainer.devices == (2 if trainer == "ddp" else 1)
+    assert type(instantiate(cfg.ttc.ttt)) is ttc.Tent and cfg.ttc.iterative == {}
+
+
+def test_predict_recipe_writes_the_same_predictions_as_trainer_predict(tmp_path):
+    import torch
+    from digits import DigitsCNN, trainer
+    from loaders import test_loader
+
+    model = DigitsCNN()
+    fit = trainer(max_epochs=1, default_root_dir=tmp_path)
+    x, y = test_loader().dataset.tensors
+    fit.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64))
+    fit.save_checkpoint(tmp_path / "model.ckpt")
+    output = tmp_path / "preds.pt"
+    run(
+        "predict.py",
+        f"ckpt_path={tmp_path / 'model.ckpt'}",
+        "ttc/ttt=tent",
+        f"output={output}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    expected = torch.cat(trainer([ttc.Tent()]).predict(model.eval(), test_loader()))
+    torch.testing.assert_close(torch.load(output), expected)
