@@ -141,3 +141,22 @@ def test_predict_recipe_writes_the_same_predictions_as_trainer_predict(tmp_path)
     )
     expected = torch.cat(trainer([ttc.Tent()]).predict(model.eval(), test_loader()))
     torch.testing.assert_close(torch.load(output), expected)
+
+
+def test_lightning_cli_builds_the_same_callbacks_from_yaml(tmp_path):
+    import torch
+    from cli import main
+    from digits import trainer
+
+    cli = main(["--config", str(ROOT / "recipes" / "cli_predict.yaml")], run=False)
+    tent, tta, writer = (c for c in cli.trainer.callbacks if type(c).__module__.startswith("ttc_lightning"))
+    assert type(tent) is ttc.Tent and type(writer) is ttc.PredictionWriter
+    optimizer = tent.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 1e-3
+    assert len(tta.augmenter) == 15 and repr(tta.augmenter.stop) == "Confidence(0.95)"
+    # the CLI's callbacks predict what the same callbacks built in Python predict
+    model, loader = cli.model.eval(), cli.datamodule.predict_dataloader()
+    ours = torch.cat(trainer([tent, tta]).predict(model, loader))
+    stop = ttc.stopping.Confidence(0.95)
+    reference = [ttc.Tent(), ttc.TestTimeAugmentation(["shift", "multiscale"], stop=stop)]
+    torch.testing.assert_close(ours, torch.cat(trainer(reference).predict(model, loader)))
