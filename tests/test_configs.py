@@ -32,7 +32,13 @@ def _compose(*overrides: str):
 
 def test_every_tta_config_is_checked():
     names = {p.stem for p in (CONFIGS / "ttc" / "tta").glob("*.yaml")}
-    assert names == set(TTA_VIEWS) | {"none", "adaptive_d4"}
+    assert names == set(TTA_VIEWS) | {"none", "adaptive_d4", "shift_multiscale"}
+
+
+def test_shift_multiscale_config():
+    import digits  # noqa: F401  (registers the "shift" transform)
+
+    assert len(instantiate(_compose("+ttc/tta=shift_multiscale").ttc.tta).augmenter) == 15
 
 
 def test_adaptive_tta_config():
