@@ -160,3 +160,47 @@ def test_lightning_cli_builds_the_same_callbacks_from_yaml(tmp_path):
     stop = ttc.stopping.Confidence(0.95)
     reference = [ttc.Tent(), ttc.TestTimeAugmentation(["shift", "multiscale"], stop=stop)]
     torch.testing.assert_close(ours, torch.cat(trainer(reference).predict(model, loader)))
+
+
+def test_model_data_and_trainer_configs_instantiate():
+    import lightning as L
+    from digits import DigitsCNN
+
+    cfg = _compose("predict")
+    assert isinstance(instantiate(cfg.model), DigitsCNN)
+    loader = instantiate(cfg.data)
+    images, labels = next(iter(loader))
+    assert images.shape == (64, 1, 8, 8) and labels.shape == (64,)
+    assert isinstance(instantiate(cfg.trainer), L.Trainer)
+
+
+def _write_idx(path: Path, array) -> None:
+    import gzip
+    import struct
+
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+def test_fashion_mnist_reads_debians_idx_files_and_says_how_to_install_them(tmp_path):
+    import numpy as np
+    from loaders import fashion_mnist, load
+
+    rng = np.random.default_rng(0)
+    train, test = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 256, (3, 28, 28))
+    for name, array in [
+        ("train-images-idx3", train),
+        ("train-labels-idx1", np.arange(5)),
+        ("t10k-images-idx3", test),
+        ("t10k-labels-idx1", np.array([9, 0, 4])),
+    ]:
+        _write_idx(tmp_path / f"{name}-ubyte.gz", array)
+    x_train, y_train, x_test, y_test = fashion_mnist(str(tmp_path))
+    assert x_train.shape == (5, 1, 28, 28) and x_test.shape == (3, 1, 28, 28)
+    assert np.allclose(x_test[:, 0].numpy(), test / 255) and y_test.tolist() == [9, 0, 4]
+    assert y_train.tolist() == list(range(5))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"data\.name"):
+        load("cifar10")
