@@ -14,6 +14,20 @@ from ttc_lightning.state import ModuleSnapshot
 
 #: Trainer stages a strategy can act in.
 STAGES = ("predict", "test", "validate")
+#: Lightning strategies that shard the model across processes: refused (strategies need the whole model per process).
+SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_strategy(trainer: pl.Trainer) -> None:
+    """Raise ``RuntimeError`` for a Lightning strategy that shards the model."""
+    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    sharded = [name for name in SHARDED if name in names]
+    if sharded:
+        raise RuntimeError(
+            f"ttc-lightning strategies need the whole model on every process, but the Trainer uses {sharded[0]}, "
+            "which shards parameters (adaptation changes and restores them; views and iterations call the full "
+            "forward). Use strategy='ddp' (or one device): test-time compute is data-parallel."
+        )
 
 
 class _Run:
@@ -125,6 +139,7 @@ class TestTimeCallback(Callback):
             return
         peers = [cb for cb in trainer.callbacks if isinstance(cb, TestTimeCallback) and stage in cb.stages]
         if peers[0] is self:  # the first strategy of the stage runs the pipeline for all of them
+            check_strategy(trainer)
             self._run = _Run(peers, trainer, pl_module, stage)
 
     def _start(self, pl_module: pl.LightningModule) -> None:

@@ -23,6 +23,8 @@ class Context:
 
     module: nn.Module
     base: Forward
+    #: The module's own ``forward`` instance attribute before the run (e.g. Lightning's compiled forward), if any.
+    previous: Forward | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
     calls: int = 0
     dataloader_idx: int = 0
@@ -68,7 +70,7 @@ def install(module: nn.Module, strategies: Sequence[Strategy]) -> Context:
     check_roles(strategies)
     if isinstance(module.__dict__.get("forward"), ComposedForward):
         raise RuntimeError(f"{type(module).__name__}.forward is already wrapped by ttc-lightning strategies.")
-    context = Context(module=module, base=module.forward)
+    context = Context(module=module, base=module.forward, previous=module.__dict__.get("forward"))
     forward = context.base
     try:
         for strategy in sorted(strategies, key=lambda s: ROLES.index(s.role), reverse=True):
@@ -86,10 +88,14 @@ def _clean_up(context: Context) -> None:
 
 
 def uninstall(module: nn.Module) -> None:
-    """Remove the composed forward, if any, restoring the module's own, and run the strategies' clean-ups."""
+    """Remove the composed forward, if any, restoring the module's own (an instance attribute such as Lightning's
+    compiled forward included), and run the strategies' clean-ups."""
     forward = module.__dict__.get("forward")
     if isinstance(forward, ComposedForward):
-        del module.forward
+        if forward.context.previous is None:
+            del module.forward
+        else:
+            module.forward = forward.context.previous  # type: ignore[method-assign]
         _clean_up(forward.context)
 
 

@@ -99,7 +99,7 @@ class RandomAugment:
         for index, name in enumerate(OPERATIONS):
             chosen = (ops == index).nonzero().flatten().to(x.device)
             if len(chosen):
-                out[chosen] = getattr(self, f"_{name}")(x[chosen])
+                out[chosen] = getattr(self, f"_{name}")(x[chosen]).to(out.dtype)  # autocast may change it
         return out
 
     def _affine(self, x: Tensor, matrix: Tensor) -> Tensor:
