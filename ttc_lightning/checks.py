@@ -3,6 +3,8 @@
 from collections.abc import Collection
 from typing import Any
 
+import lightning.pytorch as pl
+
 
 def check_choice(name: str, value: Any, allowed: Collection[Any]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
@@ -22,3 +24,34 @@ def check_positive(name: str, value: Any, hint: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"`{name}`={value!r} must be a positive number{hint}.")
     return float(value)
+
+
+def check_range(name: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
+    """Return ``value`` if it is a number (not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``, default
+    ``False``); raise ``ValueError`` otherwise."""
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not number or not (low < value if low_open else low <= value) or not value <= high:
+        raise ValueError(f"`{name}`={value!r} must be a number in {'(' if low_open else '['}{low}, {high}].")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool``; raise ``ValueError`` otherwise (a string such as ``"false"`` is truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}`={value!r} must be True or False.")
+    return value
+
+
+def check_trainer(trainer: Any, owner: str) -> None:
+    """Raise ``TypeError`` unless ``trainer`` is a ``lightning.pytorch.Trainer`` (``owner`` names the callback).
+
+    The standalone ``pytorch_lightning`` package is a separate copy of Lightning whose Trainer calls our hooks but
+    does not recognise our base classes (prediction writers, progress bars), so results would be silently wrong.
+    """
+    if not isinstance(trainer, pl.Trainer):
+        kind = f"{type(trainer).__module__.split('.')[0]}.{type(trainer).__name__}"
+        raise TypeError(
+            f"{owner} is a `lightning.pytorch` callback, but the Trainer is a {kind}. The `pytorch_lightning` package "
+            "is a separate copy of Lightning whose classes do not mix with `lightning.pytorch`: use "
+            "`import lightning.pytorch as pl` (or `import lightning as L`, the same API) for the Trainer and module."
+        )

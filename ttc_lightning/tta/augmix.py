@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ttc_lightning.checks import check_int, check_positive
+from ttc_lightning.checks import check_int, check_positive, check_range
 
 OPERATIONS = ("rotate", "shear", "translate", "scale", "hflip", "brightness", "contrast", "blur", "noise")
 
@@ -20,6 +20,13 @@ OPERATIONS = ("rotate", "shear", "translate", "scale", "hflip", "brightness", "c
 def process_rank() -> int:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return torch.distributed.get_rank() if distributed else 0
+
+
+def check_image_batch(x: Any, owner: str, hint: str = "") -> None:
+    """Raise ``ValueError`` unless ``x`` is an image batch ``(B, C, H, W)``, which ``owner`` needs (random views)."""
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{owner} needs an image batch (B, C, H, W); got an input of {got}.{hint}")
 
 
 class RandomAugment:
@@ -42,12 +49,10 @@ class RandomAugment:
     def __init__(
         self, severity: float = 1.0, width: int = 3, depth: int = 3, alpha: float = 1.0, seed: int = 0
     ) -> None:
-        if not 0 < severity <= 1:
-            raise ValueError(f"`severity`={severity!r} must lie in (0, 1].")
-        self.severity = severity
+        self.severity = check_range("severity", severity, 0, 1, low_open=True)
         self.width, self.depth = check_int("width", width, 1), check_int("depth", depth, 1)
         self.alpha = check_positive("alpha", alpha)
-        self.seed = seed
+        self.seed = check_int("seed", seed, 0)
         self.generator: torch.Generator | None = None
 
     def rng(self) -> torch.Generator:
@@ -72,8 +77,7 @@ class RandomAugment:
 
     def __call__(self, x: Tensor) -> Tensor:
         """One random view of every sample of ``x``."""
-        if x.ndim != 4:
-            raise ValueError(f"RandomAugment needs an image batch (B, C, H, W); got shape {tuple(x.shape)}.")
+        check_image_batch(x, "RandomAugment")
         batch = x.shape[0]
         rng = self.rng()
         weights = self._gamma(batch, self.width)  # Dirichlet and Beta draws as normalised Gamma draws

@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -11,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ttc_lightning.callback import TestTimeCallback
-from ttc_lightning.checks import check_choice, check_int
+from ttc_lightning.checks import check_bool, check_choice, check_int
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.state import ModuleSnapshot
 from ttc_lightning.ttt.norm import NormStatistics
@@ -40,7 +41,9 @@ class TestTimeTraining(TestTimeCallback):
 
     Args:
         optimizer: a factory ``params -> torch.optim.Optimizer`` (``functools.partial(torch.optim.Adam, lr=1e-3)``,
-            Hydra ``_partial_: true``), or ``None`` for statistics-only adaptation. Default ``None``.
+            Hydra ``_partial_: true``), or ``None`` for statistics-only adaptation (``objective``, ``params``,
+            ``steps``, ``scheduler``, ``clip_grad``, ``tol`` and ``reset_on_collapse`` must then keep their defaults;
+            presets that take gradient steps refuse ``None``). Default ``None``.
         objective: ``"entropy"`` (mean prediction entropy, TENT) or a callable ``output -> scalar tensor`` (or
             :class:`~ttc_lightning.ttt.objectives.Loss`). Default ``"entropy"``.
         params: which parameters adapt (see :func:`~ttc_lightning.ttt.params.select_parameters`): ``"batchnorm"``
@@ -96,6 +99,8 @@ class TestTimeTraining(TestTimeCallback):
     role: ClassVar[str] = "adaptation"
     #: :class:`TestTimeTraining` arguments a preset sets itself (its ``**options`` may not contain them).
     fixed_options: ClassVar[tuple[str, ...]] = ()
+    #: Whether the preset adapts by gradient steps, so that ``optimizer=None`` is an error.
+    requires_optimizer: ClassVar[bool] = False
 
     @classmethod
     def shared_options(cls) -> tuple[str, ...]:
@@ -145,12 +150,24 @@ class TestTimeTraining(TestTimeCallback):
             check_int("save_every_n_batches", save_every_n_batches, 1)
             if not save_path:
                 raise ValueError(f"`save_every_n_batches`={save_every_n_batches} needs a `save_path`.")
+        for name, path in (("save_path", save_path), ("resume_from", resume_from)):
+            if path is not None and not isinstance(path, str | os.PathLike):
+                raise TypeError(f"`{name}`={path!r} must be a file name (a str or path) or None.")
         self.save_every_n_batches, self.save_path, self.resume_from = save_every_n_batches, save_path, resume_from
-        self.sync, self.flags = sync, flags
+        for name, flag in (("reset_on_nonfinite", reset_on_nonfinite), ("keep_adapted", keep_adapted)):
+            check_bool(name, flag)
+        self.sync, self.flags = check_bool("sync", sync), check_bool("flags", flags)
         if optimizer is not None and not callable(optimizer):
             raise TypeError(
                 f"`optimizer` must be a factory params -> Optimizer (functools.partial); got {optimizer!r}."
             )
+        if optimizer is None and self.requires_optimizer:
+            raise ValueError(
+                f"`optimizer`=None: {type(self).__name__} adapts by gradient steps and needs an optimizer factory "
+                "(functools.partial(torch.optim.SGD, lr=...)); for statistics-only adaptation use ttc.BatchNormAdapt."
+            )
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(f"`scheduler` must be a factory optimizer -> LR scheduler or None; got {scheduler!r}.")
         self.steps = check_int("steps", steps, 1)
         if isinstance(reset, str):
             check_choice("reset", reset, RESETS)
@@ -158,11 +175,27 @@ class TestTimeTraining(TestTimeCallback):
             check_int("reset", reset, 1)
         check_choice("clip_mode", clip_mode, CLIP_MODES)
         for name, value in (("clip_grad", clip_grad), ("tol", tol), ("reset_on_collapse", reset_on_collapse)):
-            if value is not None and not (isinstance(value, int | float) and value >= 0):
+            if value is not None and (isinstance(value, bool) or not (isinstance(value, int | float) and value >= 0)):
                 raise ValueError(f"`{name}`={value!r} must be a non-negative number or None.")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.objective = resolve_objective(objective)
         check_params(params)
+        if optimizer is None:
+            gradient_options = {
+                "objective": objective != "entropy",
+                "params": params != "batchnorm",
+                "steps": steps != 1,
+                "scheduler": scheduler is not None,
+                "clip_grad": clip_grad is not None,
+                "tol": tol is not None,
+                "reset_on_collapse": reset_on_collapse is not None,
+            }
+            unused = [f"`{name}`" for name, given in gradient_options.items() if given]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} set without an `optimizer`: nothing is trained then (only the BatchNorm "
+                    f"statistics adapt), so {', '.join(gradient_options)} are unused. Pass an `optimizer` or drop them."
+                )
         self.params = params
         self.norm = NormStatistics(norm, norm_alpha, norm_momentum)
         self.clip_grad, self.clip_mode, self.tol = clip_grad, clip_mode, tol
@@ -333,6 +366,11 @@ class TestTimeTraining(TestTimeCallback):
         finite = math.isfinite(value)
         weight = float(loss.kept.sum()) if loss.kept is not None else float(self._batch_size)
         if finite and weight > 0:
+            if not loss.value.requires_grad:
+                raise ValueError(
+                    "The test-time objective returned a loss without a gradient: it must be computed from the model's "
+                    "output without detaching it, and `params` must select parameters that output depends on."
+                )
             self.backwards += 1
             (loss.value if self._scaler is None else self._scaler.scale(loss.value)).backward()
         if self._synced:
@@ -430,6 +468,12 @@ class TestTimeTraining(TestTimeCallback):
         """Continue from a :meth:`state_dict` (during a stage; an empty state, as saved outside one, is ignored)."""
         if not state:
             return
+        if not isinstance(state, dict) or "preset" not in state:
+            got = f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"{type(self).__name__} cannot resume from {got}: not an adaptation state written by "
+                "`save_every_n_batches` or state_dict(). Check `resume_from`."
+            )
         if state["preset"] != type(self).__name__:
             raise ValueError(f"The adaptation state was saved by {state['preset']}, not {type(self).__name__}.")
         self._module.load_state_dict(state["model"])

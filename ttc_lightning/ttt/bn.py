@@ -17,7 +17,8 @@ class BatchNormAdapt(TestTimeTraining):
         alpha: source weight for ``mix``. Default ``0.5``.
         momentum: batch weight for ``ema``. Default ``0.1``.
         **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
-            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
+            ``reset``, ``save_every_n_batches``, ``resume_from``, ...); the gradient options (``steps``,
+            ``scheduler``, ``clip_grad``, ...) are refused, as nothing is trained.
 
     Example::
 

@@ -8,11 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ttc_lightning.checks import check_int
+from ttc_lightning.checks import check_int, check_range
 from ttc_lightning.pipeline import Context, Forward
-from ttc_lightning.tta.augmix import RandomAugment
+from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
 from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
-from ttc_lightning.ttt.objectives import Loss
+from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec
 
 
@@ -56,6 +56,7 @@ class CoTTA(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("norm",)
+    requires_optimizer: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -71,11 +72,15 @@ class CoTTA(TestTimeTraining):
     ) -> None:
         self.check_options(options)
         super().__init__(optimizer=optimizer, params=params, norm="batch", steps=steps, **options)
-        for name, value in (("ema", ema), ("restore_prob", restore_prob), ("anchor_threshold", anchor_threshold)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"`{name}`={value!r} must lie in [0, 1].")
-        self.ema, self.restore_prob, self.anchor_threshold = ema, restore_prob, anchor_threshold
+        self.ema = check_range("ema", ema, 0, 1)
+        self.restore_prob = check_range("restore_prob", restore_prob, 0, 1)
+        self.anchor_threshold = check_range("anchor_threshold", anchor_threshold, 0, 1)
         self.views = check_int("views", views, 1)
+        if augment is not None and not isinstance(augment, RandomAugment):
+            raise TypeError(
+                f"`augment`={augment!r} must be a ttc.RandomAugment (CoTTA seeds its restore masks from it and saves "
+                "its generator) or None."
+            )
         self.augment = augment or RandomAugment()
 
     def prepare(self, context: Context) -> None:
@@ -90,9 +95,11 @@ class CoTTA(TestTimeTraining):
         self.anchor_confidence = float("nan")
 
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
+        check_image_batch(x, "CoTTA (its teacher averages random image augmentations)")
         with torch.no_grad():
             with swapped(self._params, self.source):
-                self.anchor_confidence = forward(x, *args, **kwargs).softmax(1).amax(1).mean().item()
+                source = check_logits(forward(x, *args, **kwargs), "CoTTA")
+                self.anchor_confidence = source.softmax(1).amax(1).mean().item()
             with swapped(self._params, self.teacher):
                 target = forward(x, *args, **kwargs)
                 if self.anchor_confidence < self.anchor_threshold:

@@ -88,6 +88,7 @@ class EATA(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset")
+    requires_optimizer: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -112,8 +113,13 @@ class EATA(TestTimeTraining):
             reset="batch" if episodic else "never",
             **options,
         )
-        if fisher_alpha < 0:
-            raise ValueError(f"`fisher_alpha`={fisher_alpha!r} must be non-negative.")
+        if isinstance(fisher_alpha, bool) or not isinstance(fisher_alpha, int | float) or fisher_alpha < 0:
+            raise ValueError(f"`fisher_alpha`={fisher_alpha!r} must be a non-negative number.")
+        if fisher_data is not None and (isinstance(fisher_data, str | Tensor) or not isinstance(fisher_data, Iterable)):
+            raise TypeError(
+                f"`fisher_data` must be an iterable of input batches (a DataLoader, or a list such as [x]) or None; "
+                f"got {type(fisher_data).__name__} (a tensor would be iterated row by row)."
+            )
         self.fisher_data, self.fisher_alpha = fisher_data, fisher_alpha
         self.fisher: list[Tensor] | None = None
 

@@ -10,10 +10,10 @@ from torch import Tensor
 from ttc_lightning.checks import check_int
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
-from ttc_lightning.tta.augmix import RandomAugment
+from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
 from ttc_lightning.tta.transforms import TransformSpec
 from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
-from ttc_lightning.ttt.objectives import Loss
+from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec
 
 
@@ -51,6 +51,7 @@ class MEMO(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("norm", "norm_alpha", "reset")
+    requires_optimizer: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -75,6 +76,11 @@ class MEMO(TestTimeTraining):
             **options,
         )
         self.views = check_int("views", views, 1)
+        if augment is not None and not isinstance(augment, RandomAugment):
+            raise TypeError(
+                f"`augment`={augment!r} must be a ttc.RandomAugment (MEMO reseeds and saves its generator) or None; "
+                "for deterministic views pass `transforms`."
+            )
         self.augment = augment or RandomAugment()
         self.tta_views = None if transforms is None else Augmenter(transforms).views
 
@@ -83,13 +89,16 @@ class MEMO(TestTimeTraining):
 
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
         if self.tta_views is not None:  # deterministic views, possibly of different shapes: one forward each
-            logits = torch.stack([forward(view.augment(x), *args, **kwargs) for view in self.tta_views])
+            logits = torch.stack(
+                [check_logits(forward(view.augment(x), *args, **kwargs), "MEMO") for view in self.tta_views]
+            )
             return Loss(marginal_entropy(logits)), None
+        check_image_batch(x, "MEMO's random views", " For other inputs pass `transforms` (e.g. 'multiply').")
         batch = x.shape[0]
         views = self.augment(x.repeat(self.views, *[1] * (x.ndim - 1)))  # per-sample draws, in one call
         extra = [repeat_batch_first(a, batch, self.views) for a in args]
         named = {k: repeat_batch_first(v, batch, self.views) for k, v in kwargs.items()}
-        logits = forward(views, *extra, **named)
+        logits = check_logits(forward(views, *extra, **named), "MEMO")
         return Loss(marginal_entropy(logits.unflatten(0, (self.views, batch)))), None
 
     def extra_state(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttc_lightning.checks import check_choice
+from ttc_lightning.checks import check_choice, check_range
 
 NORM_POLICIES = ("source", "batch", "mix", "ema")
 
@@ -47,11 +47,9 @@ class NormStatistics:
 
     def __init__(self, policy: str = "batch", alpha: float = 0.5, momentum: float = 0.1) -> None:
         check_choice("norm", policy, NORM_POLICIES)
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha`={alpha!r} must lie in [0, 1].")
-        if not 0 < momentum <= 1:
-            raise ValueError(f"`momentum`={momentum!r} must lie in (0, 1].")
-        self.policy, self.alpha, self.momentum = policy, alpha, momentum
+        self.policy = policy
+        self.alpha = check_range("alpha", alpha, 0, 1)
+        self.momentum = check_range("momentum", momentum, 0, 1, low_open=True)
 
     def apply(self, module: nn.Module, required: bool = False) -> Callable[[], None]:
         """Install the policy on ``module``'s BatchNorm layers; return the clean-up that removes it.

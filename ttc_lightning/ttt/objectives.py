@@ -6,13 +6,27 @@ samples entered it (filters). A plain callable ``output -> scalar tensor`` works
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
+def check_logits(output: Any, owner: str) -> Tensor:
+    """Return ``output`` if it is a tensor of class logits ``(B, C, ...)`` with ``C >= 2`` classes on dim 1; raise
+    ``ValueError`` naming ``owner`` otherwise."""
+    if not isinstance(output, Tensor) or output.ndim < 2 or output.shape[1] < 2:
+        got = f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+        raise ValueError(
+            f"{owner} needs class logits (B, C) or (B, C, ...) with at least 2 classes on dim 1; the model returned "
+            f"{got}. Make forward return the logits tensor (not a tuple, dict or one score per sample)."
+        )
+    return output
+
+
 def entropy(logits: Tensor, dim: int = 1) -> Tensor:
     """Shannon entropy (nats) of ``softmax(logits)`` along ``dim``, per sample: ``-(p * log p).sum(dim)``."""
+    check_logits(logits, "The entropy objective")
     log_p = torch.log_softmax(logits.float(), dim)
     return -(log_p.exp() * log_p).sum(dim)
 

@@ -58,6 +58,7 @@ class SAR(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset", "reset_on_collapse")
+    requires_optimizer: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ class Tent(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset")
+    requires_optimizer: ClassVar[bool] = True
 
     def __init__(
         self,
