@@ -62,6 +62,20 @@ class TestTimeComputeMixin:
         return current_extras(self)  # type: ignore[arg-type]
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Any:
-        args, kwargs = self.ttc_inputs(batch)
+        inputs = self.ttc_inputs(batch)
+        valid = isinstance(inputs, tuple) and len(inputs) == 2
+        if not (valid and isinstance(inputs[0], tuple | list) and isinstance(inputs[1], Mapping)):
+            raise TypeError(
+                f"{type(self).__name__}.ttc_inputs must return (args, kwargs), a tuple of the positional arguments "
+                f"and a dict of keyword arguments of forward, e.g. ((x,), {{}}); it returned {_describe(inputs)}."
+            )
+        args, kwargs = inputs
         output = self(*args, **kwargs)  # type: ignore[operator]
         return self.ttc_outputs(output, self.ttc_extras)
+
+
+def _describe(value: Any) -> str:
+    """The type of ``value``, and of its items for a tuple."""
+    if isinstance(value, tuple):
+        return f"a tuple of {', '.join(type(v).__name__ for v in value)}"
+    return type(value).__name__

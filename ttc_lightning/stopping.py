@@ -238,6 +238,10 @@ class WindowAgreement(StoppingRule):
 
 class _Combination(StoppingRule):
     def __init__(self, rules: Sequence[StoppingRule]) -> None:
+        if not isinstance(rules, Sequence):
+            raise TypeError(
+                f"{type(self).__name__} needs a list of stopping rules, such as [rule_a, rule_b]; got {rules!r}."
+            )
         rules = list(rules)
         if not rules or not all(isinstance(rule, StoppingRule) for rule in rules):
             raise TypeError(f"{type(self).__name__} needs a non-empty list of stopping rules; got {rules!r}.")

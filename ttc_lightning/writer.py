@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
-from ttc_lightning.checks import check_int
+from ttc_lightning.checks import check_int, check_trainer
 
 _FRAME = struct.Struct("<qQ")
 _HEADER, _FOOTER = -1, -2
@@ -436,6 +436,7 @@ class PredictionWriter(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         if stage != "predict":
             return
+        check_trainer(trainer, "PredictionWriter")
         self._run = trainer.strategy.broadcast(uuid.uuid4().hex, src=0)
         self._part, self._indexed, self._counts, self._last, self._ordered, self._templates = None, [], [], [], [], {}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)

@@ -4,9 +4,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ttc_lightning.checks import check_choice, check_int
+from ttc_lightning.checks import check_bool, check_choice, check_int
 from ttc_lightning.halting import Draws, HaltingStats, halt
 from ttc_lightning.stopping import StoppingRule
 from ttc_lightning.tta import functional as F
@@ -25,9 +26,11 @@ AUTO_CPU_CHUNK = 1
 def _pairs(name: str, pairs: Sequence[Sequence[int]] | None) -> tuple[tuple[int, int], ...]:
     if pairs is None:
         return ()
+    if isinstance(pairs, str) or not isinstance(pairs, Sequence):
+        raise ValueError(f"`{name}`={pairs!r} must be a list of index pairs such as [(1, 2)], or None.")
     out = []
     for pair in pairs:
-        pair = tuple(pair)
+        pair = tuple(pair) if isinstance(pair, Sequence) and not isinstance(pair, str) else (pair,)
         if len(pair) != 2 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in pair):
             raise ValueError(f"`{name}` entry {pair!r} must be a pair of non-negative indices.")
         out.append(pair)
@@ -42,6 +45,8 @@ def _uncertainty(value: bool | str | Sequence[str] | None, task: str) -> tuple[s
         return ()
     if value is True:
         return UNCERTAINTIES if task in CLASS_TASKS else ("std",)
+    if not isinstance(value, str | Sequence):
+        raise ValueError(f"`uncertainty`={value!r} must be True, a name or a list of names among {UNCERTAINTIES}.")
     names = (value,) if isinstance(value, str) else tuple(value)
     for name in names:
         check_choice("uncertainty", name, UNCERTAINTIES)
@@ -95,7 +100,9 @@ class Augmenter:
     Further positional and keyword arguments of the forward that are tensors with the batch size as first dimension
     are repeated along with stacked views; everything else passes unchanged (a non-batch tensor whose first dimension
     happens to equal the batch size would be repeated too: pass it another way). The merged output has the model's
-    output dtype; uncertainty measures are in the accumulation dtype (float32 at least).
+    output dtype; uncertainty measures are in the accumulation dtype (float32 at least). Transforms act on the last
+    two dimensions as ``(H, W)``: a 4-D input that looks channel-last (last dimension 1, 3 or 4, dim 1 larger than
+    4) gets a warning.
     """
 
     def __init__(
@@ -154,15 +161,18 @@ class Augmenter:
         self._needs_classes = activation == "softmax" and (merge == "vote" or self.space != "raw" or class_measures)
         self.views = expand(self.transforms)
         self._plans: dict[tuple[Size, int | None], list[list[View]]] = {}
+        check_int("min_views", min_views, 1)
+        check_bool("anytime", anytime)
+        check_bool("return_views", return_views)
         self.stop, self.min_views, self.anytime, self.return_views = stop, min_views, anytime, return_views
         self.stats = HaltingStats()
+        self._warned_layout = False
         if stop is None:
             if anytime or return_views:
                 raise ValueError("`anytime` and `return_views` need a stopping rule: pass `stop`.")
             return
         if not isinstance(stop, StoppingRule):
             raise TypeError(f"`stop` must be a ttc_lightning.stopping rule; got {type(stop).__name__}.")
-        check_int("min_views", min_views, 1)
         if min_views > len(self.views):
             raise ValueError(f"`min_views`={min_views} exceeds the {len(self.views)} views of `transforms`.")
         if chunk_size not in ("auto", 1):
@@ -193,11 +203,22 @@ class Augmenter:
     def __call__(self, forward: Callable[..., Any], x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, dict]:
         """Merged output of ``forward`` over the views of ``x`` and the requested uncertainty measures."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"Test-time augmentation needs a tensor input; got {type(x).__name__}.")
-        if x.ndim < 3 and any(view.spatial for view in self.views):
+            raise TypeError(
+                f"Test-time augmentation needs a tensor input; got {type(x).__name__}. A step that calls self(batch) "
+                "passes the whole batch: call self(x) with the input tensor, or inherit ttc.TestTimeComputeMixin, "
+                "whose predict_step takes the input from the batch."
+            )
+        spatial = any(view.spatial for view in self.views)
+        if x.ndim < 3 and spatial:
             raise ValueError(
                 f"`transforms` {self.transforms} move pixels and need an image batch (B, ..., H, W) with at least "
                 f"3 dimensions; got an input of shape {tuple(x.shape)}."
+            )
+        if spatial and x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4 and not self._warned_layout:
+            self._warned_layout = True
+            rank_zero_warn(
+                f"Test-time augmentation got an input of shape {tuple(x.shape)}, which looks channel-last "
+                "(B, H, W, C); transforms act on the last two dimensions as (H, W). Permute the input to (B, C, H, W)."
             )
         size: Size = tuple(x.shape[-2:]) if x.ndim >= 3 else (1, 1)  # type: ignore[assignment]
         if self.stop is not None:

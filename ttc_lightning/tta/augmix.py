@@ -25,7 +25,7 @@ def process_rank() -> int:
 def check_image_batch(x: Any, owner: str, hint: str = "") -> None:
     """Raise ``ValueError`` unless ``x`` is an image batch ``(B, C, H, W)``, which ``owner`` needs (random views)."""
     if not isinstance(x, Tensor) or x.ndim != 4:
-        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"type {type(x).__name__}"
         raise ValueError(f"{owner} needs an image batch (B, C, H, W); got an input of {got}.{hint}")
 
 

@@ -96,6 +96,23 @@ class _ValueTransform(Transform):
         return points
 
 
+def _sequence(name: str, values: Any) -> list[Any]:
+    """``values`` as a list, after checking it is a list or tuple (not a single value or a string)."""
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise ValueError(
+            f"`{name}`={values!r} must be a list or tuple of values, not a single {type(values).__name__}."
+        )
+    return list(values)
+
+
+def _numbers(name: str, values: Any) -> list[float]:
+    """``values`` as floats, after checking it is a list or tuple of numbers (not bools)."""
+    bad = [v for v in _sequence(name, values) if isinstance(v, bool) or not isinstance(v, int | float)]
+    if bad:
+        raise ValueError(f"`{name}`={tuple(values)!r} must hold numbers; got {bad!r}.")
+    return [float(v) for v in values]
+
+
 def _with_identity(identity: Any, values: Sequence[Any]) -> tuple[Any, ...]:
     """``values`` without repeats, identity first."""
     return tuple(dict.fromkeys((identity, *values)))
@@ -171,7 +188,7 @@ class Rotate90(Transform):
     """
 
     def __init__(self, ks: Sequence[int] = (0, 1, 2, 3)) -> None:
-        bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k not in range(4)]
+        bad = [k for k in _sequence("ks", ks) if isinstance(k, bool) or not isinstance(k, int) or k not in range(4)]
         if bad:
             raise ValueError(f"`ks`={tuple(ks)!r} must hold integers in 0..3 (quarter turns); got {bad!r}.")
         super().__init__(_with_identity(0, ks))
@@ -228,7 +245,9 @@ class Scale(_Resampling):
     """
 
     def __init__(self, scales: Sequence[float] = (1.0, 0.875, 1.125), interpolation: str = "bilinear") -> None:
-        bad = [s for s in scales if not isinstance(s, int | float) or isinstance(s, bool) or s <= 0]
+        bad = [
+            s for s in _sequence("scales", scales) if not isinstance(s, int | float) or isinstance(s, bool) or s <= 0
+        ]
         if bad:
             raise ValueError(f"`scales`={tuple(scales)!r} must be positive numbers; got {bad!r}.")
         super().__init__(_with_identity(1.0, [float(s) for s in scales]), interpolation)
@@ -246,7 +265,7 @@ class Resize(_Resampling):
     """
 
     def __init__(self, sizes: Sequence[int | Sequence[int]], interpolation: str = "bilinear") -> None:
-        pairs = [_as_pair("sizes", s) for s in sizes]
+        pairs = [_as_pair("sizes", s) for s in _sequence("sizes", sizes)]
         super().__init__((None, *pairs), interpolation)
 
     def output_size(self, size: Size, param: Size | None) -> Size:
@@ -268,7 +287,7 @@ class Add(_ValueTransform):
     """
 
     def __init__(self, values: Sequence[float] = (0.0, -0.1, 0.1)) -> None:
-        super().__init__(_with_identity(0.0, [float(v) for v in values]))
+        super().__init__(_with_identity(0.0, _numbers("values", values)))
 
     def augment(self, x: Tensor, param: float) -> Tensor:
         return x + param if param else x
@@ -282,7 +301,7 @@ class Multiply(_ValueTransform):
     """
 
     def __init__(self, factors: Sequence[float] = (1.0, 0.9, 1.1)) -> None:
-        super().__init__(_with_identity(1.0, [float(f) for f in factors]))
+        super().__init__(_with_identity(1.0, _numbers("factors", factors)))
 
     def augment(self, x: Tensor, param: float) -> Tensor:
         return x * param if param != 1.0 else x
@@ -343,6 +362,9 @@ def register_transform(name: str) -> Callable[[TransformT], TransformT]:
     A registered name is accepted wherever transform names are (``transforms=["hflip", name]``); the class is
     instantiated with its default arguments.
     """
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_transform: the name {name!r} must be a non-empty string.")
 
     def decorator(cls: TransformT) -> TransformT:
         if not (isinstance(cls, type) and issubclass(cls, Transform)):

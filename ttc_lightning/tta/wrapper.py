@@ -29,6 +29,8 @@ class TTAWrapper(nn.Module):
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be the nn.Module to wrap; got {type(model).__name__}.")
         self.model = model
         self.augmenter = Augmenter(**options)
 

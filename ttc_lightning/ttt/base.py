@@ -69,8 +69,8 @@ class TestTimeTraining(TestTimeCallback):
             Default ``False``.
         save_every_n_batches: write the adaptation state (:meth:`state_dict`) to ``save_path`` every N batches, so
             an interrupted online adaptation can resume. Default ``None`` (never).
-        save_path: the file; ``{rank}`` in it is replaced by the process rank (required with several processes).
-            Default ``None``.
+        save_path: the file (its folder is created); ``{rank}`` in it is replaced by the process rank (required with
+            several processes). Default ``None``.
         sync: keep the processes of a multi-process run in step: every update averages the gradients of all ranks
             (weighted by their samples in the loss) and every data-dependent decision is all-reduced, so the adapted
             parameters stay identical across ranks; ranks that run out of batches keep answering until all are done
@@ -521,9 +521,11 @@ class TestTimeTraining(TestTimeCallback):
         if every is None or self._source is None or self.batches_seen == 0 or self.batches_seen % every:
             return
         assert self.save_path is not None
-        if trainer.world_size > 1 and "{rank}" not in self.save_path:
+        if trainer.world_size > 1 and "{rank}" not in os.fspath(self.save_path):
             raise ValueError(f"`save_path`={self.save_path!r} needs a '{{rank}}' placeholder with several processes.")
-        torch.save(self.state_dict(), self.save_path.replace("{rank}", str(trainer.global_rank)))
+        path = os.fspath(self.save_path).replace("{rank}", str(trainer.global_rank))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(self.state_dict(), path)
 
     def after_batch(self, trainer: pl.Trainer) -> None:
         self._save(trainer)

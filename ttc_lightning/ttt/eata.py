@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ttc_lightning.checks import check_positive
+from ttc_lightning.checks import check_bool, check_positive
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
@@ -110,7 +110,7 @@ class EATA(TestTimeTraining):
             params=params,
             norm="batch",
             steps=steps,
-            reset="batch" if episodic else "never",
+            reset="batch" if check_bool("episodic", episodic) else "never",
             **options,
         )
         if isinstance(fisher_alpha, bool) or not isinstance(fisher_alpha, int | float) or fisher_alpha < 0:

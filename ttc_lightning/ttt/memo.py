@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ttc_lightning.checks import check_int
+from ttc_lightning.checks import check_bool, check_int
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
 from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
@@ -72,7 +72,7 @@ class MEMO(TestTimeTraining):
             norm="mix",
             norm_alpha=alpha,
             steps=steps,
-            reset="batch" if episodic else "never",
+            reset="batch" if check_bool("episodic", episodic) else "never",
             **options,
         )
         self.views = check_int("views", views, 1)
@@ -93,7 +93,7 @@ class MEMO(TestTimeTraining):
                 [check_logits(forward(view.augment(x), *args, **kwargs), "MEMO") for view in self.tta_views]
             )
             return Loss(marginal_entropy(logits)), None
-        check_image_batch(x, "MEMO's random views", " For other inputs pass `transforms` (e.g. 'multiply').")
+        check_image_batch(x, "MEMO (random views)", " For other inputs pass `transforms` (e.g. 'multiply').")
         batch = x.shape[0]
         views = self.augment(x.repeat(self.views, *[1] * (x.ndim - 1)))  # per-sample draws, in one call
         extra = [repeat_batch_first(a, batch, self.views) for a in args]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ttc_lightning.checks import check_positive
+from ttc_lightning.checks import check_bool, check_positive
 from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
 from ttc_lightning.ttt.params import ParamSpec
@@ -81,7 +81,7 @@ class SAR(TestTimeTraining):
             params=params,
             norm="batch",
             steps=steps,
-            reset="batch" if episodic else "never",
+            reset="batch" if check_bool("episodic", episodic) else "never",
             reset_on_collapse=reset_below,
             **options,
         )

@@ -5,6 +5,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ttc_lightning.checks import check_bool
 from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.params import ParamSpec
 
@@ -51,6 +52,6 @@ class Tent(TestTimeTraining):
             params=params,
             norm="batch",
             steps=steps,
-            reset="batch" if episodic else "never",
+            reset="batch" if check_bool("episodic", episodic) else "never",
             **options,
         )
