@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ttc_lightning.callback import TestTimeCallback
-from ttc_lightning.checks import check_bool, check_choice, check_int
+from ttc_lightning.checks import check_bool, check_choice, check_int, check_range
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.state import ModuleSnapshot
 from ttc_lightning.ttt.norm import NormStatistics
@@ -197,6 +197,8 @@ class TestTimeTraining(TestTimeCallback):
                     f"statistics adapt), so {', '.join(gradient_options)} are unused. Pass an `optimizer` or drop them."
                 )
         self.params = params
+        check_range("norm_alpha", norm_alpha, 0, 1)
+        check_range("norm_momentum", norm_momentum, 0, 1, low_open=True)
         self.norm = NormStatistics(norm, norm_alpha, norm_momentum)
         self.clip_grad, self.clip_mode, self.tol = clip_grad, clip_mode, tol
         self.reset_policy, self.reset_on_collapse = reset, reset_on_collapse

@@ -2,6 +2,7 @@
 
 from typing import Any, ClassVar
 
+from ttc_lightning.checks import check_range
 from ttc_lightning.ttt.base import TestTimeTraining
 
 
@@ -35,6 +36,8 @@ class BatchNormAdapt(TestTimeTraining):
         **options: Any,
     ) -> None:
         self.check_options(options)
+        check_range("alpha", alpha, 0, 1)
+        check_range("momentum", momentum, 0, 1, low_open=True)
         super().__init__(
             optimizer=None,
             norm=norm,

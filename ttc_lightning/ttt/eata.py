@@ -40,8 +40,8 @@ class EATAObjective:
         self.probs_average: Tensor | None = None
 
     def __call__(self, output: Tensor) -> Loss:
-        margin = self.e_margin * math.log(output.shape[1])
         ent = entropy(output)
+        margin = self.e_margin * math.log(output.shape[1])
         probs = output.detach().float().softmax(1)
         kept = ent.detach() < margin
         if self.probs_average is not None:

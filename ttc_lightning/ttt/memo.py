@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ttc_lightning.checks import check_bool, check_int
+from ttc_lightning.checks import check_bool, check_int, check_range
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
 from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
@@ -66,6 +66,7 @@ class MEMO(TestTimeTraining):
         **options: Any,
     ) -> None:
         self.check_options(options)
+        check_range("alpha", alpha, 0, 1)
         super().__init__(
             optimizer=optimizer,
             params=params,
