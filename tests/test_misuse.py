@@ -317,7 +317,9 @@ def test_a_missing_save_folder_is_created(tmp_path):
 
 
 def test_resume_from_a_missing_file_or_a_file_that_is_not_a_state(tmp_path):
-    refused([ttc.Tent(resume_from=str(tmp_path / "none.pt"))], ConvNet(), loader(images(8)), FileNotFoundError, "none.pt")
+    refused(
+        [ttc.Tent(resume_from=str(tmp_path / "none.pt"))], ConvNet(), loader(images(8)), FileNotFoundError, "none.pt"
+    )
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(1)}, junk)
     match = r"Tent cannot resume from a dict with keys \['weights'\]: not an adaptation state .*`resume_from`"
@@ -535,6 +537,35 @@ def test_tta_on_an_output_with_the_wrong_number_of_rows():
 def test_a_custom_objective_that_is_not_a_loss(objective, match):
     callback = ttc.TestTimeTraining(optimizer=SGD, objective=objective)
     refused([callback], ConvNet(), loader(images(8), 4), ValueError, match, before_any_batch=False)
+
+
+#: Rows whose fix belongs in ttc_lightning/iterative.py (owned elsewhere): strict, so they fail once it is fixed.
+PENDING_ITERATIVE = pytest.mark.xfail(strict=True, reason="needs the check in ttc_lightning/iterative.py")
+
+
+@PENDING_ITERATIVE
+@pytest.mark.parametrize("flag", ["warm_start", "anytime", "return_iterations"])
+def test_iterative_flags_must_be_bools(flag):
+    needs = {"warm_start": {"mode": "refine"}, "anytime": {"stop": stopping.Confidence()}}.get(flag, {})
+    check_refused(
+        functools.partial(ttc.IterativeInference, **needs, **{flag: "no"}),
+        ValueError,
+        rf"`{flag}`='no' must be True or False",
+    )
+
+
+@PENDING_ITERATIVE
+@pytest.mark.parametrize("kind", ["tuple", "dict", "scalar", "scores"])
+def test_sampling_on_an_output_that_is_not_class_logits(kind):
+    callback = ttc.IterativeInference(augment=ttc.RandomAugment(), max_iters=2)
+    refused([callback], Model(Outputs(kind)), loader(images(8), 4), ValueError, "the model returned", False)
+
+
+@PENDING_ITERATIVE
+def test_sampling_on_the_whole_batch():
+    callback = ttc.IterativeInference(augment=ttc.RandomAugment(), max_iters=2)
+    model = DefaultStep(copy.deepcopy(ConvNet().net))
+    refused([callback], model, loader(images(8)), TypeError, r"tensor input; got list")
 
 
 # --- Combinations -------------------------------------------------------------------------------------------------
