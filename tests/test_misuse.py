@@ -28,10 +28,12 @@ TTA = ttc.TestTimeAugmentation
 
 
 def case(label, *values):
+    """A parametrized case named ``label``."""
     return pytest.param(*values, id=label)
 
 
 def check_refused(make, error, match) -> None:
+    """``make()`` must raise ``error`` with a message matching ``match``."""
     with pytest.raises(error, match=match):
         make()
 
@@ -71,6 +73,7 @@ def two_images() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vector_net(batchnorm: bool = False) -> nn.Sequential:
+    """Linear 6->8, (BatchNorm1d with non-trivial statistics and affine parameters), ReLU, Linear 8->4."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(6, 8), *([nn.BatchNorm1d(8)] if batchnorm else []), nn.ReLU(), nn.Linear(8, 4))
@@ -89,6 +92,7 @@ def eval_copy(net: nn.Module) -> nn.Module:
 
 
 def vectors(n: int = 8) -> torch.Tensor:
+    """``n`` seeded rows of 6 features."""
     return torch.randn(n, 6, generator=torch.Generator().manual_seed(0))
 
 
