@@ -543,11 +543,6 @@ def test_a_custom_objective_that_is_not_a_loss(objective, match):
     refused([callback], ConvNet(), loader(images(8), 4), ValueError, match, before_any_batch=False)
 
 
-#: Rows whose fix belongs in ttc_lightning/iterative.py (owned elsewhere): strict, so they fail once it is fixed.
-PENDING_ITERATIVE = pytest.mark.xfail(strict=True, reason="needs the check in ttc_lightning/iterative.py")
-
-
-@PENDING_ITERATIVE
 @pytest.mark.parametrize("flag", ["warm_start", "anytime", "return_iterations"])
 def test_iterative_flags_must_be_bools(flag):
     needs = {"warm_start": {"mode": "refine"}, "anytime": {"stop": stopping.Confidence()}}.get(flag, {})
@@ -558,14 +553,12 @@ def test_iterative_flags_must_be_bools(flag):
     )
 
 
-@PENDING_ITERATIVE
 @pytest.mark.parametrize("kind", ["tuple", "dict", "scalar", "scores"])
 def test_sampling_on_an_output_that_is_not_class_logits(kind):
     callback = ttc.IterativeInference(augment=ttc.RandomAugment(), max_iters=2)
     refused([callback], Model(Outputs(kind)), loader(images(8), 4), ValueError, "the model returned", False)
 
 
-@PENDING_ITERATIVE
 def test_sampling_on_the_whole_batch():
     callback = ttc.IterativeInference(augment=ttc.RandomAugment(), max_iters=2)
     model = DefaultStep(copy.deepcopy(ConvNet().net))
@@ -859,10 +852,6 @@ def test_prediction_writer_refuses_a_pytorch_lightning_trainer(tmp_path):
     assert_state(model, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs check_trainer(trainer, type(self).__name__) in TestTimeCallback.setup (ttc_lightning/callback.py)",
-)
 @pytest.mark.parametrize("make", [TTA, ttc.Tent], ids=["tta", "tent"])
 def test_strategies_refuse_a_pytorch_lightning_trainer(make):
     model = OldNamespaceModel()

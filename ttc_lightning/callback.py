@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from ttc_lightning.checks import check_trainer
 from ttc_lightning.pipeline import Context, Forward, check_roles, install, uninstall
 from ttc_lightning.progress import show, summarise
 from ttc_lightning.state import ModuleSnapshot
@@ -139,6 +140,7 @@ class TestTimeCallback(Callback):
             return
         peers = [cb for cb in trainer.callbacks if isinstance(cb, TestTimeCallback) and stage in cb.stages]
         if peers[0] is self:  # the first strategy of the stage runs the pipeline for all of them
+            check_trainer(trainer, type(self).__name__)
             check_strategy(trainer)
             self._run = _Run(peers, trainer, pl_module, stage)
 

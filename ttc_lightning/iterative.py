@@ -10,7 +10,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from typing_extensions import override
 
 from ttc_lightning.callback import TestTimeCallback
-from ttc_lightning.checks import check_choice, check_int
+from ttc_lightning.checks import check_bool, check_choice, check_int
 from ttc_lightning.halting import Draws, HaltingStats, halt, put_rows, select_rows, tree_map
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.stopping import StoppingRule
@@ -34,7 +34,8 @@ class _Refinement:
         x, args, kwargs, state = self.running
         result = self.refine(x, state, *args, **kwargs)
         if not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], Tensor):
-            raise TypeError(f"ttc_refine(x, state) must return (output, state) with a tensor output; got {result!r}.")
+            got = f"Tensor of shape {tuple(result.shape)}" if isinstance(result, Tensor) else type(result).__name__
+            raise TypeError(f"ttc_refine(x, state) must return (output, state) with a tensor output; got {got}.")
         output, state = result
         if output.ndim == 0 or output.shape[0] != len(x):
             raise ValueError(f"ttc_refine returned an output of shape {tuple(output.shape)} for {len(x)} samples.")
@@ -148,6 +149,8 @@ class IterativeInference(TestTimeCallback):
             raise ValueError(f"`min_iters`={min_iters} must not exceed `max_iters`={max_iters}.")
         if augment is not None and (mode != "sample" or not callable(augment)):
             raise ValueError(f"`augment` must be a callable and needs mode='sample'; got {augment!r}, mode={mode!r}.")
+        for flag, value in (("warm_start", warm_start), ("anytime", anytime), ("return_iterations", return_iterations)):
+            check_bool(flag, value)
         if warm_start and mode != "refine":
             raise ValueError(f"`warm_start` needs mode='refine'; got mode={mode!r}.")
         if anytime and stop is None:
@@ -192,6 +195,7 @@ class IterativeInference(TestTimeCallback):
         warm: dict[str, Any] = {}
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            _check_input(x)
             previous = warm.get("state") if warm.get("key") == (len(x), context.dataloader_idx) else None
             state = previous if previous is not None else module.ttc_init(x, *args, **kwargs)
             stepper = _Refinement(module.ttc_refine, x, args, kwargs, state)
@@ -215,9 +219,19 @@ class IterativeInference(TestTimeCallback):
             reseed()
 
         def draw(iteration: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            return inner(self.augment(x) if self.augment is not None else x, *args, **kwargs)
+            y = inner(self.augment(x) if self.augment is not None else x, *args, **kwargs)
+            classes = self.space != "raw"
+            if not isinstance(y, Tensor) or y.ndim < (2 if classes else 1) or y.shape[0] != len(x):
+                got = f"shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+                need = "class logits (B, C)" if classes else "a batch-first tensor"
+                raise ValueError(
+                    f"IterativeInference(mode='sample', space={self.space!r}) needs {need} with {len(x)} rows from "
+                    f"each draw; the model returned {got}."
+                )
+            return y
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            _check_input(x)
             seed = int(torch.randint(2**62, (1,), generator=generator))
             inner_extras = set(context.extras)
             devices = [x.device] if x.device.type == "cuda" else []
@@ -230,6 +244,14 @@ class IterativeInference(TestTimeCallback):
             return output
 
         return forward
+
+
+def _check_input(x: Any) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"Iterative inference needs a tensor input; got {type(x).__name__}. A step that passes the whole batch to "
+            "forward gives a tuple or list: call `self(x)` on the input, or inherit `ttc.TestTimeComputeMixin`."
+        )
 
 
 @contextlib.contextmanager
