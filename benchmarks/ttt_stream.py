@@ -33,7 +33,8 @@ state, shows as a count growing with the window; the monitor's own record adds o
 memory of Lightning's own record of the batch indices (``_IndexBatchSamplerWrapper.seen_batch_indices``, one list
 of ints per batch, kept for the whole predict epoch whether or not a prediction writer reads it). The summary per
 configuration compares the first and last full windows: RSS growth (MB) and how much of it those index lists
-explain, the growth of live tensors and objects, the ratio of throughputs, and totals of non-finite outputs, resets
+explain, the growth of live tensors and objects, the ratio of throughputs (and of the median window throughputs of
+the second and first halves of the stream), and totals of non-finite outputs, resets
 and skipped updates; and gives the least-squares slope of RSS against samples over the second half of the windows
 (MB per 100k samples; the first half holds the allocator's warm-up).
 """
@@ -179,12 +180,14 @@ class Monitor(Callback):
         window: batches per window. Default ``100``.
         adaptation: the run's adaptation callback, whose ``resets``, ``updates`` and ``skipped`` are read, or
             ``None``. Default ``None``.
-        census: count live tensors, objects and Lightning's index lists after each window (outside its clock).
-            Default ``True``.
+        count_objects: count live tensors, objects and Lightning's index lists after each window (outside its
+            clock). Default ``True``.
     """
 
-    def __init__(self, window: int = 100, adaptation: ttc.TestTimeTraining | None = None, census: bool = True) -> None:
-        self.window, self.adaptation, self.census = window, adaptation, census
+    def __init__(
+        self, window: int = 100, adaptation: ttc.TestTimeTraining | None = None, count_objects: bool = True
+    ) -> None:
+        self.window, self.adaptation, self.count_objects = window, adaptation, count_objects
         self.windows: list[Window] = []
         self._figures = (0, 0, 0)
         self._open()
@@ -204,8 +207,8 @@ class Monitor(Callback):
         figures = self._adaptation_figures()
         resets, updates, skipped = (now - before for now, before in zip(figures, self._figures, strict=True))
         self._figures = figures
-        tensors, objects = census() if self.census else (0, 0)
-        index_mb = index_lists_mb(trainer) if self.census else 0.0
+        tensors, objects = census() if self.count_objects else (0, 0)
+        index_mb = index_lists_mb(trainer) if self.count_objects else 0.0
         self.windows.append(
             Window(
                 self._batches,
@@ -323,13 +326,12 @@ def child(name: str, data: str, args: argparse.Namespace) -> None:
         enable_checkpointing=False,
         callbacks=callbacks,
     )
-    before = rss_mb()
     start = time.perf_counter()
     trainer.predict(model.eval(), dataloaders=loader, return_predictions=False)
     seconds = time.perf_counter() - start
     written = check_written(path, labels, monitor.windows) if "writer" in extras else ""
     windows = [asdict(w) for w in monitor.windows]
-    print(json.dumps({"windows": windows, "seconds": seconds, "rss_before": before, "written": written}))
+    print(json.dumps({"windows": windows, "seconds": seconds, "written": written}))
 
 
 def slope_per_100k(windows: list[Window]) -> float:
@@ -416,7 +418,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--no-census", action="store_true", help="skip the counts after each window")
     parser.add_argument(
-        "--windows", nargs="*", default=["tent-fast", "tent-fast-reset"], help="configs shown by window"
+        "--windows",
+        nargs="*",
+        default=["tent-fast", "tent-fast-reset"],
+        choices=CONFIGS,
+        help="configs shown by window",
     )
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
