@@ -61,22 +61,25 @@ SHORT = {
     "pixelate": "pixel",
     "jpeg_compression": "jpeg",
 }
+#: Part of the cache key: bump it when training changes, so stale checkpoints are not reused.
+TRAINING_VERSION = 2
 TRAIN_VIEWS = ttc.Augmenter(["shift", "multiscale"]).views  # "shift" is registered by recipes/digits.py
 
 
 def train_source(cfg: DictConfig, x_train: Tensor, y_train: Tensor) -> tuple[L.LightningModule, str]:
     """The source model, trained once per data, model and training settings, then loaded from the cache."""
     settings = {"data": cfg.data.name, "model": OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.train)}
+    settings["recipe"] = TRAINING_VERSION
     settings.pop("cache_dir"), settings.pop("progress_bar")
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cfg.train.cache_dir) / f"{cfg.data.name}-{key}.ckpt"
+    L.seed_everything(cfg.train.seed, verbose=False)  # before the model draws its initial weights
     model = instantiate(cfg.model)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
         print(f"Source model loaded from {path}")
         return model.eval(), str(path)
     print(f"Training the source model ({cfg.train.epochs} epochs on {cfg.data.name}); cached at {path}")
-    L.seed_everything(cfg.train.seed, verbose=False)
     if cfg.train.augment:
         model.train_views = TRAIN_VIEWS
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=cfg.train.batch_size, shuffle=True)
