@@ -214,3 +214,24 @@ def test_fashion_mnist_reads_debians_idx_files_and_says_how_to_install_them(tmp_
         fashion_mnist(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match=r"data\.name"):
         load("cifar10")
+
+
+def test_predict_recipe_on_two_ddp_processes_equals_one_process(tmp_path):
+    import torch
+    from digits import DigitsCNN
+
+    checkpoint = tmp_path / "model.ckpt"  # an untrained model, as a minimal Lightning checkpoint
+    torch.save({"state_dict": DigitsCNN().state_dict(), "pytorch-lightning_version": "2.6.6"}, checkpoint)
+    for name, extra in (("one", []), ("ddp", ["trainer=ddp"])):
+        run(
+            "predict.py",
+            *extra,
+            f"ckpt_path={checkpoint}",
+            "ttc/tta=hflip",
+            f"output={tmp_path / name}.pt",
+            f"hydra.run.dir={tmp_path / name}",
+            cwd=tmp_path,
+        )
+    one, ddp = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "ddp.pt")
+    assert one.shape == (719, 10)
+    torch.testing.assert_close(ddp, one, atol=1e-5, rtol=1e-5)
