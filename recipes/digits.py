@@ -100,13 +100,17 @@ def trainer(callbacks: list[L.Callback] | None = None, **kwargs: object) -> L.Tr
     )
 
 
-def train(epochs: int, train_views: list[View] | None = None, seed: int = 0) -> DigitsCNN:
-    """A DigitsCNN trained deterministically on the training split (Adam, batch 64)."""
+def train(
+    epochs: int, train_views: list[View] | None = None, seed: int = 0, data: tuple[Tensor, Tensor] | None = None
+) -> DigitsCNN:
+    """A DigitsCNN trained deterministically (Adam, batch 64) on ``data`` (images, labels), by default the digits
+    training split."""
     L.seed_everything(seed, verbose=False)
-    x_train, y_train, _, _ = digits()
+    x_train, y_train = data if data is not None else digits()[:2]
     model = DigitsCNN(train_views)
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
     trainer(max_epochs=epochs).fit(model, loader)
+    model.train_views = []
     return model.eval()
 
 
