@@ -29,7 +29,7 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from digits import quiet
+from digits import TRAIN_VIEWS, fit, quiet
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from loaders import load
@@ -39,7 +39,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-import ttc_lightning as ttc
 from ttc_lightning.data import CORRUPTIONS, Shift, stream
 
 register()
@@ -63,7 +62,6 @@ SHORT = {
 }
 #: Part of the cache key: bump it when training changes, so stale checkpoints are not reused.
 TRAINING_VERSION = 2
-TRAIN_VIEWS = ttc.Augmenter(["shift", "multiscale"]).views  # "shift" is registered by recipes/digits.py
 
 
 def train_source(cfg: DictConfig, x_train: Tensor, y_train: Tensor) -> tuple[L.LightningModule, str]:
@@ -82,21 +80,9 @@ def train_source(cfg: DictConfig, x_train: Tensor, y_train: Tensor) -> tuple[L.L
     print(f"Training the source model ({cfg.train.epochs} epochs on {cfg.data.name}); cached at {path}")
     if cfg.train.augment:
         model.train_views = TRAIN_VIEWS
-    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=cfg.train.batch_size, shuffle=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=cfg.train.epochs,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=cfg.train.progress_bar,
-    )
-    trainer.fit(model, loader)
-    model.train_views = []
+    run = fit(model, (x_train, y_train), cfg.train.epochs, cfg.train.batch_size, cfg.train.progress_bar)
     path.parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(path, weights_only=True)
+    run.save_checkpoint(path, weights_only=True)
     return model.eval(), str(path)
 
 
@@ -105,10 +91,9 @@ def compositions(cfg: DictConfig) -> dict[str, DictConfig | list[DictConfig]]:
     picked = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("ttc/")]
     if picked:
         choices = HydraConfig.get().runtime.choices
-        parts = [choices.get("ttc/ttt", "none")]
-        parts += [f"tta-{choices['ttc/tta']}" if choices.get("ttc/tta", "none") != "none" else "none"]
-        parts += [f"iterative-{choices['ttc/iterative']}" if choices.get("ttc/iterative", "none") != "none" else "none"]
-        name = "+".join(p for p in parts if p != "none") or "source"
+        ttt, tta, iterative = (choices.get(f"ttc/{group}", "none") for group in ("ttt", "tta", "iterative"))
+        parts = [ttt, f"tta-{tta}", f"iterative-{iterative}"]
+        name = "+".join(p for p in parts if not p.endswith("none")) or "source"
         return {name: [node for node in cfg.ttc.values() if node]}
     unknown = [m for m in cfg.methods if m != "source" and m not in cfg.suite]
     if unknown:

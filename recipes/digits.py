@@ -35,6 +35,10 @@ class Shift(ttc.Transform):
         return shift(x, *param) if param != (0, 0) else x
 
 
+#: The views the recipes train on: one-pixel shifts x scales 1, 0.875, 1.125 (15, identity first).
+TRAIN_VIEWS = ttc.Augmenter(transforms=["shift", "multiscale"]).views
+
+
 def digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A stratified 60/40 train/test split of the 1,797 digits as ``(N, 1, 8, 8)`` images in ``[0, 1]``."""
     data = load_digits()
@@ -100,17 +104,25 @@ def trainer(callbacks: list[L.Callback] | None = None, **kwargs: object) -> L.Tr
     )
 
 
+def fit(
+    model: DigitsCNN, data: tuple[Tensor, Tensor], epochs: int, batch_size: int = 64, progress_bar: bool = False
+) -> L.Trainer:
+    """Train ``model`` deterministically on ``data`` (images, labels), shuffled; clear its ``train_views`` after.
+    Returns the Trainer (to save a checkpoint)."""
+    run = trainer(max_epochs=epochs, enable_progress_bar=progress_bar)
+    run.fit(model, DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True))
+    model.train_views = []
+    return run
+
+
 def train(
     epochs: int, train_views: list[View] | None = None, seed: int = 0, data: tuple[Tensor, Tensor] | None = None
 ) -> DigitsCNN:
     """A DigitsCNN trained deterministically (Adam, batch 64) on ``data`` (images, labels), by default the digits
     training split."""
     L.seed_everything(seed, verbose=False)
-    x_train, y_train = data if data is not None else digits()[:2]
     model = DigitsCNN(train_views)
-    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
-    trainer(max_epochs=epochs).fit(model, loader)
-    model.train_views = []
+    fit(model, data if data is not None else digits()[:2], epochs)
     return model.eval()
 
 

@@ -12,12 +12,10 @@ Run: ``python recipes/tta_demo.py`` (after ``bash .ci/setup``).
 
 import torch
 import torch.nn.functional as F
-from digits import SHIFTS, digits, predict, quiet, shift, train
+from digits import SHIFTS, TRAIN_VIEWS, digits, predict, quiet, shift, train
 from torch import Tensor
 
 import ttc_lightning as ttc
-
-TRAIN_VIEWS = ttc.Augmenter(transforms=["shift", "multiscale"]).views
 
 
 def test_sets(images: Tensor) -> dict[str, Tensor]:
