@@ -38,8 +38,28 @@ class CoTTA(TestTimeTraining):
     log_softmax(student)).sum(1)`` averaged over the batch; after the step the teacher's parameters move as
     ``ema * teacher + (1 - ema) * student`` and each adapted element of the student returns to its source value with
     probability ``restore_prob`` (masks drawn from a generator seeded with the augmentation's seed, the same on
-    every rank). The prediction is the teacher's output (computed before its update).
-    All BatchNorm layers (student, teacher, source) normalise with batch statistics.
+    every rank). Alone, the batch's prediction is that target, as in the authors' code: the teacher's
+    augmentation-averaged logits when the source is unsure, else its plain output, computed before the teacher's
+    update. All BatchNorm layers (student, teacher, source) normalise with batch statistics.
+
+    Differences from the authors' code (``qinenergy/cotta``, ``cifar/cotta.py``):
+
+    * Augmentations: ``RandomAugment``, an AugMix-style family (chains of rotate, shear, translate, scale, hflip,
+      brightness, contrast, blur and noise, mixed with Dirichlet weights and blended with the input), with
+      magnitudes relative to each image's statistics, so any input range works. The authors use a fixed torchvision
+      pipeline for ``[0, 1]`` images: colour jitter (brightness, contrast, saturation, hue, gamma), edge padding
+      and a random affine (rotation up to 15 degrees, translation 1/16, scale 0.9-1.1), Gaussian blur, a
+      horizontal flip with probability 0.5, Gaussian noise (std 0.005) and clipping to ``[0, 1]``.
+    * Draws: every sample of every view gets its own random parameters; the authors' transforms, applied to the
+      whole batch tensor, draw one set of parameters per view for the whole batch (only the noise is per pixel).
+    * The ``views`` augmented teacher forwards run only when the source is unsure (the authors run all 32 on every
+      batch and discard them when it is confident): the same target, less compute, a different random stream.
+    * Restore masks come from a private generator (``augment.seed``), not the global torch RNG; a skipped update
+      (non-finite loss or gradients) also skips the teacher's update and the restore.
+    * The model stays in eval mode (dropout off); the authors call ``model.train()``.
+    * Composed with ``TestTimeAugmentation``, the loss is unchanged (the student, teacher and source run on the
+      input itself), but the prediction is one extra forward: the augmented-and-merged output of the teacher after
+      the batch's last update and restore, not the target; the authors have no such composition.
 
     Args:
         optimizer: optimizer factory. Default ``functools.partial(torch.optim.Adam, lr=1e-3)`` (CIFAR setting).
