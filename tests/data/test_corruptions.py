@@ -1,6 +1,6 @@
 """Corruptions: names, shape/dtype/range, determinism, per-sample draws, monotone severity on digits, references
-(JPEG by scipy's DCT, CIFAR-10-C's defocus kernel by scipy's correlate, HSV brightness by colorsys, noise
-statistics, block pixelation), validation."""
+(JPEG by scipy's DCT, CIFAR-10-C's defocus kernel by scipy's correlate, Gaussian blur by scipy's gaussian_filter,
+HSV brightness by colorsys, noise statistics, block pixelation, spatter's water and mud), validation."""
 
 import colorsys
 import itertools
@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from digits import digits
 
 import ttc_lightning.data as data
-from ttc_lightning.data import CORRUPTIONS, FAMILIES, corrupt, corruptions
+from ttc_lightning.data import CORRUPTIONS, FAMILIES, VALIDATION_CORRUPTIONS, corrupt, corruptions
 from ttc_lightning.data.corruptions import pixelate_sizes, spatial_scale
 
-DETERMINISTIC = ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression")
-RANDOM = tuple(name for name in CORRUPTIONS if name not in DETERMINISTIC)
+#: The 15 reported corruptions and the validation ones: every generic test runs on both.
+ALL = CORRUPTIONS + VALIDATION_CORRUPTIONS
+DETERMINISTIC = ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression", "gaussian_blur")
+RANDOM = tuple(name for name in ALL if name not in DETERMINISTIC)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,13 @@ def test_names_order_and_families():
         "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
     }
     assert data.STREAM_MODES == ("reset", "continual", "gradual", "mixed")
+    # CIFAR-10-C's extra corruptions but saturate (nothing to saturate on one channel), never among the 15
+    assert VALIDATION_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter")
+    assert not set(VALIDATION_CORRUPTIONS) & set(CORRUPTIONS)
+    assert not set(VALIDATION_CORRUPTIONS) & {name for names in FAMILIES.values() for name in names}
 
 
-@pytest.mark.parametrize("name", CORRUPTIONS)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize(
     "images",
     [
@@ -82,7 +88,7 @@ def test_shape_dtype_and_range_are_kept(images, name):
         assert bool(torch.isfinite(out).all()) and out.min() >= 0 and out.max() <= 1
 
 
-@pytest.mark.parametrize("name", CORRUPTIONS)
+@pytest.mark.parametrize("name", ALL)
 def test_same_seed_same_output_and_the_global_rng_is_left_alone(name, digits8):
     torch.manual_seed(0)
     state = torch.get_rng_state()
@@ -93,7 +99,7 @@ def test_same_seed_same_output_and_the_global_rng_is_left_alone(name, digits8):
     assert not torch.equal(first, digits8)  # every corruption changes a batch of digits
 
 
-@pytest.mark.parametrize("name", CORRUPTIONS)
+@pytest.mark.parametrize("name", ALL)
 def test_a_different_seed_changes_random_corruptions_only(name, digits8):
     same = torch.equal(corrupt(digits8, name, 3, seed=0), corrupt(digits8, name, 3, seed=1))
     assert same == (name in DETERMINISTIC)
@@ -115,7 +121,7 @@ def test_deterministic_corruptions_act_on_each_sample_alone(name, digits8):
     torch.testing.assert_close(corrupt(x, name, 4), alone)
 
 
-@pytest.mark.parametrize("name", [name for name in CORRUPTIONS if name != "shot_noise"])
+@pytest.mark.parametrize("name", [name for name in ALL if name != "shot_noise"])
 def test_a_sample_does_not_depend_on_its_neighbours_values(name, digits8):
     """Draws depend on the batch shape only (shot noise excepted: Poisson sampling consumes a value-dependent
     number of draws)."""
@@ -130,7 +136,7 @@ def mean_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().mean().item()
 
 
-@pytest.mark.parametrize("name", CORRUPTIONS)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("size", [8, 28])
 def test_distance_to_the_clean_image_grows_strictly_with_severity(name, size, digits8, digits28):
     x = digits8 if size == 8 else digits28
@@ -139,7 +145,7 @@ def test_distance_to_the_clean_image_grows_strictly_with_severity(name, size, di
     assert all(a < b for a, b in itertools.pairwise(distances)), distances
 
 
-@pytest.mark.parametrize("name", FAMILIES["blur"] + ("pixelate", "elastic_transform"))
+@pytest.mark.parametrize("name", FAMILIES["blur"] + ("pixelate", "elastic_transform", "gaussian_blur"))
 @pytest.mark.parametrize("size", [(8, 8), (13, 17), (32, 32)])
 def test_spatial_corruptions_keep_a_constant_image(name, size):
     x = torch.full((2, 3, *size), 0.3)
@@ -359,8 +365,75 @@ def test_fog_adds_a_normalised_smooth_fractal_and_rescales(severity, digits28):
     assert not torch.allclose(fractal[0], fractal[1])
 
 
+@pytest.mark.parametrize("severity", range(1, 6))
+def test_gaussian_blur_at_32px_is_scipys_gaussian_filter(severity):
+    """CIFAR-10-C's ``skimage.filters.gaussian`` (scipy's gaussian_filter, truncated at 4 sigma) at its sigmas, with
+    mirrored borders."""
+    x = smooth_rgb(2, 32, 32, seed=severity).double()
+    sigma = (0.4, 0.6, 0.7, 0.8, 1.0)[severity - 1]
+    expected = np.stack(
+        [[scipy.ndimage.gaussian_filter(channel, sigma, mode="mirror") for channel in image] for image in x.numpy()]
+    )
+    torch.testing.assert_close(corrupt(x, "gaussian_blur", severity), torch.from_numpy(expected).clamp(0, 1))
+
+
+@pytest.mark.parametrize(("size", "std"), [(32, 0.06), (8, 0.15)])
+def test_speckle_noise_is_multiplicative(size, std):
+    """``x + x * N(0, std)``: CIFAR-10-C's std at 32 px, ImageNet-C's below (like the other noises); black stays
+    black."""
+    x = torch.full((64, 1, size, size), 0.5, dtype=torch.float64)
+    x[:, :, 0] = 0
+    out = corrupt(x, "speckle_noise", 1)
+    assert bool((out[:, :, 0] == 0).all())
+    relative = (out[:, :, 1:] - 0.5) / 0.5
+    assert relative.std().item() == pytest.approx(std, rel=0.05)
+    assert abs(relative.mean().item()) < 0.01
+
+
+WATER = np.array([175, 238, 238]) / 255
+MUD = np.array([63, 42, 20]) / 255
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_spatter_water_adds_pale_turquoise_light(severity):
+    """Severities 1-3: ``x + drops * water`` with the drops in ``[0, 0.5]`` (the brightest at 0.5 in every image):
+    on a black RGB image every covered pixel has the water's colour ratios."""
+    x = torch.zeros(8, 3, 16, 16, dtype=torch.float64)
+    out = corrupt(x, "spatter", severity).numpy()
+    drops = out[:, 0] / WATER[0]
+    covered = drops > 0
+    assert 0 < covered.mean() < 0.5
+    np.testing.assert_allclose(out, drops[:, None] * WATER[None, :, None, None], atol=1e-12)
+    np.testing.assert_allclose(drops.max((1, 2)), 0.5)
+    gray = torch.full((8, 1, 16, 16), 0.2, dtype=torch.float64)
+    assert bool((corrupt(gray, "spatter", severity) >= gray).all())  # water only lightens
+
+
+@pytest.mark.parametrize("severity", [4, 5])
+def test_spatter_mud_blends_towards_brown(severity):
+    """Severities 4-5: ``x * (1 - cover) + mud * cover``, the cover 0 or at least 0.8: on one channel the mud is
+    its luma. Solved for the cover from two images, which must agree."""
+    luma = 0.299 * MUD[0] + 0.587 * MUD[1] + 0.114 * MUD[2]
+    for shape, mud in (((8, 3, 16, 16), MUD[None, :, None, None]), ((8, 1, 16, 16), luma)):
+        white = corrupt(torch.ones(shape, dtype=torch.float64), "spatter", severity).numpy()
+        black = corrupt(torch.zeros(shape, dtype=torch.float64), "spatter", severity).numpy()
+        cover = (1 - white) / (1 - mud)
+        np.testing.assert_allclose(black, mud * cover, atol=1e-12)
+        covered = cover[:, 0] > 0
+        assert 0 < covered.mean() < 0.5
+        assert (cover[:, 0][covered] >= 0.8 - 1e-12).all() and (cover <= 1 + 1e-12).all()
+
+
+def test_streams_take_the_validation_corruptions(digits8):
+    labels = torch.arange(len(digits8))
+    segments = data.stream(digits8, labels, VALIDATION_CORRUPTIONS, (2,), seed=4)
+    assert [(s.name, s.severity) for s in segments] == [(name, 2) for name in VALIDATION_CORRUPTIONS]
+    for segment in segments:
+        torch.testing.assert_close(segment.images, corrupt(digits8, segment.name, 2, seed=4))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("name", CORRUPTIONS)
+@pytest.mark.parametrize("name", ALL)
 def test_gpu_matches_cpu(name, digits28):
     cpu = corrupt(digits28, name, 5, seed=2)
     gpu = corrupt(digits28.cuda(), name, 5, seed=2)

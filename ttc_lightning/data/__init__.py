@@ -1,6 +1,14 @@
-"""Corruptions (the 15 CIFAR-10-C families in torch) and shift streams for test-time adaptation benchmarks."""
+"""Corruptions (the 15 CIFAR-10-C families in torch, and its extra ones for validation) and shift streams for
+test-time adaptation benchmarks."""
 
-from ttc_lightning.data.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt, spatial_scale
+from ttc_lightning.data.corruptions import (
+    CORRUPTIONS,
+    FAMILIES,
+    SEVERITIES,
+    VALIDATION_CORRUPTIONS,
+    corrupt,
+    spatial_scale,
+)
 from ttc_lightning.data.streams import GRADUAL_SEVERITIES, STREAM_MODES, Shift, stream
 
 __all__ = [
@@ -9,6 +17,7 @@ __all__ = [
     "GRADUAL_SEVERITIES",
     "SEVERITIES",
     "STREAM_MODES",
+    "VALIDATION_CORRUPTIONS",
     "Shift",
     "corrupt",
     "spatial_scale",

@@ -7,7 +7,13 @@ import torch
 from torch import Tensor
 
 from ttc_lightning.checks import check_choice, check_int
-from ttc_lightning.data.corruptions import CORRUPTIONS, check_images, check_severity, corrupt
+from ttc_lightning.data.corruptions import (
+    CORRUPTIONS,
+    VALIDATION_CORRUPTIONS,
+    check_images,
+    check_severity,
+    corrupt,
+)
 
 STREAM_MODES: tuple[str, ...] = ("reset", "continual", "gradual", "mixed")
 GRADUAL_SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)
@@ -57,7 +63,8 @@ def stream(
     Args:
         images: test images ``(N, C, H, W)`` in ``[0, 1]`` (see :func:`~ttc_lightning.data.corrupt`).
         labels: their labels, first dimension ``N``.
-        corruptions: names from :data:`~ttc_lightning.data.CORRUPTIONS`. Default: all 15, in CIFAR-10-C's order.
+        corruptions: names from :data:`~ttc_lightning.data.CORRUPTIONS` or, to choose hyperparameters,
+            :data:`~ttc_lightning.data.VALIDATION_CORRUPTIONS`. Default: the 15, in CIFAR-10-C's order.
         severities: integers from 1 to 5. Default ``(5,)``.
         mode: one of :data:`STREAM_MODES`. Default ``"reset"``.
         seed: seed of the corruptions and of the shuffling of ``"mixed"``. Default ``0``.
@@ -92,9 +99,12 @@ def stream(
 
 def _names(corruptions: Sequence[str]) -> tuple[str, ...]:
     if isinstance(corruptions, str) or not isinstance(corruptions, Sequence) or not corruptions:
-        raise ValueError(f"`corruptions`={corruptions!r} must be a non-empty sequence of names from CORRUPTIONS.")
+        raise ValueError(
+            f"`corruptions`={corruptions!r} must be a non-empty sequence of names from CORRUPTIONS or "
+            "VALIDATION_CORRUPTIONS."
+        )
     for name in corruptions:
-        check_choice("corruptions", name, CORRUPTIONS)
+        check_choice("corruptions", name, CORRUPTIONS + VALIDATION_CORRUPTIONS)
     return tuple(corruptions)
 
 
