@@ -47,8 +47,14 @@ def test_bf16_mixed_on_cpu_runs_close_to_fp32_and_restores_the_model(name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bf16 = predictions(trainer(make_callbacks(), precision="bf16-mixed").predict(model, loader()))
     assert bf16.dtype in (torch.bfloat16, torch.float32) and torch.isfinite(bf16).all()
-    assert (bf16.float().argmax(1) == fp32.argmax(1)).float().mean() >= 0.8
-    torch.testing.assert_close(bf16.float(), fp32, atol=0.3, rtol=0.1)
+    # bf16 keeps 8 significant bits (a relative step of 2**-8): logits within 2% of the largest fp32 logit (about 5
+    # bf16 steps of it), probabilities within 0.02, and the same class wherever fp32's top two are 0.04 apart.
+    bf16 = bf16.float()
+    torch.testing.assert_close(bf16, fp32, atol=0.02 * fp32.abs().max().item(), rtol=0)
+    torch.testing.assert_close(bf16.softmax(1), fp32.softmax(1), atol=0.02, rtol=0)
+    top2 = fp32.softmax(1).topk(2, 1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.04
+    assert clear.any() and torch.equal(bf16.argmax(1)[clear], fp32.argmax(1)[clear])
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
 
