@@ -1,20 +1,25 @@
-"""Shared pieces of the benchmark scripts: the model, the machine header, timing and markdown tables.
+"""Shared pieces of the benchmark scripts: the model, the machine, timing, artefacts and markdown tables.
 
 The scripts import this module as ``common`` (they put their own folder first on ``sys.path`` when run as
-``python benchmarks/<script>.py``).
+``python benchmarks/<script>.py``). Each script writes its measurements, with the date, the machine, the versions,
+the load average and its arguments, as a JSON artefact under ``benchmarks/results/`` (:func:`save`), and prints
+what its ``render`` function makes of that artefact: the tables in ``benchmarks/README.md`` are that output, and
+``tests/test_docs_numbers.py`` checks that they still are.
 """
 
 import argparse
 import datetime
 import itertools
+import json
 import logging
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lightning
 import lightning.pytorch as pl
@@ -25,6 +30,11 @@ from torch.utils.data import DataLoader
 import ttc_lightning as ttc
 
 Key = TypeVar("Key", bound=Hashable)
+#: Where the scripts write their artefacts.
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+Artefact = dict[str, Any]
+#: When this module was imported (the scripts import it first): the start of a run's wall time.
+STARTED = time.perf_counter()
 
 
 def cpu_model() -> str:
@@ -57,29 +67,81 @@ def setup_threads() -> int:
     return n
 
 
-def load() -> str:
-    """The system load averages, formatted."""
+def load() -> list[float]:
+    """The system load averages over 1, 5 and 15 minutes (empty where the system does not report them)."""
     try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+        return [round(v, 2) for v in os.getloadavg()]
     except OSError:
-        return "unknown"
+        return []
 
 
-def header(title: str, device: str = "cpu", load_at_start: str | None = None) -> str:
-    """A markdown header naming the benchmark, the date, the machine and its load (at start, if given, and now)."""
-    lines = [
-        f"## {title}",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- CPU: {cpu_model()}, {cores()} cores, torch threads: {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, lightning {lightning.__version__}, ttc_lightning {ttc.__version__}, "
-        f"Python {platform.python_version()}",
-        f"- load average 1/5/15 min: {load_at_start or '?'} at start, {load()} at end (this run adds up to its thread "
-        "count; beyond that, other processes competed for the cores)",
-    ]
-    if device.startswith("cuda"):
-        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
-    return "\n".join(lines) + "\n"
+def add_artefact_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """The ``--artefact`` option: the name of the results file under ``benchmarks/results/``."""
+    parser.add_argument(
+        "--artefact", default=default, help=f"results file benchmarks/results/NAME.json (default: {default})"
+    )
+
+
+def save(
+    args: argparse.Namespace, results: dict[str, Any], load_at_start: list[float], device: str = "cpu"
+) -> Artefact:
+    """Write ``results`` with the date, machine, versions, load average and arguments to
+    ``benchmarks/results/<args.artefact>.json``; return the artefact."""
+    arguments = {k: v for k, v in vars(args).items() if k != "artefact"}
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.dirname(RESULTS)))
+    artefact: Artefact = {
+        "command": " ".join([f".venv/bin/python {script}", *sys.argv[1:]]),
+        "arguments": arguments,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": cores(),
+            "torch_threads": torch.get_num_threads(),
+            "device": device,
+            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "ttc_lightning": ttc.__version__,
+        },
+        "load_average": {"start": load_at_start, "end": load()},
+        "wall_seconds": round(time.perf_counter() - STARTED, 1),
+        "results": results,
+    }
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{args.artefact}.json")
+    with open(path, "w") as f:
+        json.dump(artefact, f, indent=1)
+        f.write("\n")
+    print(f"wrote {os.path.relpath(path)}", file=sys.stderr)
+    return artefact
+
+
+def read(name: str) -> Artefact:
+    """The artefact ``benchmarks/results/<name>.json``."""
+    with open(os.path.join(RESULTS, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def machine(artefact: Artefact) -> str:
+    """One line naming the run's date, machine, versions and 1-minute load average at start and end."""
+    m, v, loads = artefact["machine"], artefact["versions"], artefact["load_average"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    start, end = (f"{x[0]:.2f}" if x else "?" for x in (loads["start"], loads["end"]))
+    wall = f", {artefact['wall_seconds']:.0f} s" if "wall_seconds" in artefact else ""
+    return (
+        f"Run of {artefact['date'][:10]}: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s)"
+        f"{gpu}, torch {v['torch']}, lightning {v['lightning']}, Python {v['python']}; load average (1 min) "
+        f"{start} at start, {end} at end (`{artefact['command']}`{wall})."
+    )
+
+
+def header(title: str, artefact: Artefact) -> str:
+    """A markdown header naming the benchmark and the line of :func:`machine` (this run adds up to its thread
+    count to the load; beyond that, other processes competed for the cores)."""
+    return f"## {title}\n\n{machine(artefact)}\n"
 
 
 def convnet(downsample: bool = True, classes: int = 10) -> nn.Sequential:
@@ -177,9 +239,10 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def speed_arguments(description: str) -> argparse.Namespace:
-    """Command-line options shared by the speed benchmarks."""
+def speed_arguments(description: str, artefact: str) -> argparse.Namespace:
+    """Command-line options shared by the speed benchmarks (``artefact``: the default results file name)."""
     parser = argparse.ArgumentParser(description=description)
+    add_artefact_option(parser, artefact)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=32, help="image side")

@@ -1,7 +1,8 @@
 """Adaptive test-time augmentation and refinement with per-sample halting: compute saved and accuracy kept.
 
 Run: ``.venv/bin/python benchmarks/iterative.py [--reps 3] [--bootstrap 2000] [--data auto|digits|fashion_mnist]
-[--subset 3000]`` (about 40 s on digits, 8 min on Fashion-MNIST, 2 cores)
+[--subset 3000]`` (about 40 s on digits, 8 min on Fashion-MNIST, 2 cores); writes
+``benchmarks/results/iterative_<data>.json`` (``--artefact NAME`` for another name).
 
 Part 1, adaptive TTA on a trained classifier: the CNN of ``recipes/digits.py`` trained on Fashion-MNIST when
 Debian's ``dataset-fashion-mnist`` is installed (``--data auto``; 3 epochs, the first ``--subset`` 3,000 test
@@ -31,6 +32,7 @@ converges, as DEQ solvers do) would push.
 import math
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
@@ -39,7 +41,7 @@ import argparse
 
 import lightning as L
 import torch
-from common import header, interleaved, load, median, setup_threads, table
+from common import Artefact, header, interleaved, load, median, save, setup_threads, table
 from digits import digits, quiet, train, trainer
 from loaders import FASHION_MNIST_DIR
 from loaders import load as load_data
@@ -77,7 +79,10 @@ def bootstrap(errors: Tensor, resamples: int, generator: torch.Generator) -> tup
     return means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
-def adaptive_tta(model: Counted, policy: list[str], x_test: Tensor, y_test: Tensor, reps: int, resamples: int) -> str:
+def adaptive_tta(
+    model: Counted, policy: list[str], x_test: Tensor, y_test: Tensor, reps: int, resamples: int
+) -> list[dict[str, Any]]:
+    """One record per test set and policy: forward samples, views, median ms, error % and bootstrap intervals."""
     views = len(ttc.Augmenter(policy))
     adaptive = ttc.TestTimeAugmentation(policy, stop=RULE, return_views=True)
     generator = torch.Generator().manual_seed(0)
@@ -98,25 +103,67 @@ def adaptive_tta(model: Counted, policy: list[str], x_test: Tensor, y_test: Tens
         full_wrong = outputs["full"][0].argmax(1) != y_test
         for name, (logits, samples) in outputs.items():
             wrong = logits.argmax(1) != y_test
-            low, high = bootstrap(wrong, resamples, generator)
-            diff = ""
+            row = {
+                "data": data,
+                "policy": name,
+                "samples": len(images),
+                "views": views,
+                "forward_samples": samples,
+                "ms": median(times[name]) * 1000,
+                "error": wrong.float().mean().item() * 100,
+                "error_95": bootstrap(wrong, resamples, generator),
+            }
             if name.startswith("adaptive"):
-                d_low, d_high = bootstrap(wrong.float() - full_wrong.float(), resamples, generator)
-                diff = f"[{d_low:+.1f}, {d_high:+.1f}]"
-            rows.append(
-                [
-                    data,
-                    name,
-                    samples,
-                    f"{samples / len(images):.2f}",
-                    f"{views * len(images) / samples:.2f}x",
-                    f"{median(times[name]) * 1000:.0f}",
-                    f"{wrong.float().mean().item() * 100:.1f} [{low:.1f}, {high:.1f}]",
-                    diff,
-                ]
-            )
+                row["minus_full_95"] = bootstrap(wrong.float() - full_wrong.float(), resamples, generator)
+            rows.append(row)
+    return rows
+
+
+def adaptive_table(rows: list[dict[str, Any]]) -> str:
+    """The adaptive-TTA table of ``benchmarks/README.md``."""
+    cells = []
+    for r in rows:
+        low, high = r["error_95"]
+        diff = "[{:+.1f}, {:+.1f}]".format(*r["minus_full_95"]) if "minus_full_95" in r else ""
+        cells.append(
+            [
+                r["data"],
+                r["policy"],
+                r["forward_samples"],
+                f"{r['forward_samples'] / r['samples']:.2f}",
+                f"{r['views'] * r['samples'] / r['forward_samples']:.2f}x",
+                f"{r['ms']:.0f}",
+                f"{r['error']:.1f} [{low:.1f}, {high:.1f}]",
+                diff,
+            ]
+        )
     columns = ["data", "policy", "forward samples", "views / sample", "full / this", "ms", "error % [95%]"]
-    return table([*columns, "adaptive - full [95%]"], rows)
+    return table([*columns, "adaptive - full [95%]"], cells)
+
+
+def summary_table(artefact: Artefact) -> str:
+    """The adaptive-TTA summary of ``README.md``: per test set, the adaptive policy against the others."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in artefact["results"]["adaptive_tta"]:
+        rows.setdefault(r["data"], {})[r["policy"].split(" (")[0]] = r | {"label": r["policy"]}
+    cells = []
+    for data, by in rows.items():
+        a, budget = by["adaptive"], by["same budget"]
+        low, high = a["error_95"]
+        k = budget["label"].split("(")[1].rstrip(")")
+        cells.append(
+            [
+                data,
+                "adaptive, `Confidence(0.95)`" if not cells else "adaptive",
+                f"{a['forward_samples'] / a['samples']:.2f}",
+                f"{a['views'] * a['samples'] / a['forward_samples']:.2f}x",
+                f"{a['error']:.1f} [{low:.1f}, {high:.1f}] (full: {by['full']['error']:.1f})",
+                f"{budget['error']:.1f} ({k} views)",
+                f"{by['single']['error']:.1f}",
+            ]
+        )
+    columns = ["data", "policy", "views / sample", "full / this", "error %", "same-budget non-adaptive"]
+    return table([*columns, "single view"], cells)
 
 
 def first_views(policy: list[str], k: int) -> ttc.TestTimeAugmentation:
@@ -162,7 +209,8 @@ class FixedPoint(Counted):
         return self.head(h), h
 
 
-def refinement(reps: int, max_iters: int = 100, batch_size: int = 256) -> str:
+def refinement(reps: int, max_iters: int = 100, batch_size: int = 256) -> dict[str, Any]:
+    """Halting against a fixed ``max_iters`` on the fixed-point model: iteration counts, rows pushed and times."""
     _, _, x_test, _ = digits()
     model = FixedPoint()
     configs = {
@@ -177,19 +225,31 @@ def refinement(reps: int, max_iters: int = 100, batch_size: int = 256) -> str:
 
     times, outputs = interleaved({name: (lambda cbs=cbs: run(cbs)) for name, cbs in configs.items()}, reps)
     counts, rows = outputs["halting"]
-    n = len(x_test)
-    batch_level = sum(len(c) * int(c.max()) for c in counts.split(batch_size))
+    return {
+        "samples": len(x_test),
+        "batch_size": batch_size,
+        "max_iters": max_iters,
+        "iterations": counts.tolist(),
+        "rows_pushed": rows,
+        "seconds": times,
+    }
+
+
+def refinement_table(r: dict[str, Any]) -> str:
+    """The refinement table of ``benchmarks/README.md``."""
+    counts, n, max_iters, times = torch.tensor(r["iterations"]), r["samples"], r["max_iters"], r["seconds"]
+    batch_level = sum(len(c) * int(c.max()) for c in counts.split(r["batch_size"]))
     ratio = median([h / f for h, f in zip(times["halting"], times["fixed"], strict=True)])
     return table(
         ["what", "value"],
         [
-            ["samples, batch size, max_iters", f"{n}, {batch_size}, {max_iters}"],
+            ["samples, batch size, max_iters", f"{n}, {r['batch_size']}, {max_iters}"],
             [
                 "per-sample iterations: mean / min / max",
                 f"{counts.float().mean():.1f} / {counts.min()} / {counts.max()}",
             ],
-            ["rows pushed: halting (= sum of iterations)", f"{rows} (= {int(counts.sum())})"],
-            ["compute ratio: sum of iterations / (N x max_iters)", f"{rows / (n * max_iters):.3f}"],
+            ["rows pushed: halting (= sum of iterations)", f"{r['rows_pushed']} (= {int(counts.sum())})"],
+            ["compute ratio: sum of iterations / (N x max_iters)", f"{r['rows_pushed'] / (n * max_iters):.3f}"],
             ["compute ratio of a batch-level halt (slowest sample per batch)", f"{batch_level / (n * max_iters):.3f}"],
             ["time ratio: halting / fixed (median of paired runs)", f"{ratio:.3f}"],
             [
@@ -200,27 +260,41 @@ def refinement(reps: int, max_iters: int = 100, batch_size: int = 256) -> str:
     )
 
 
+def render(artefact: Artefact) -> list[str]:
+    """The two tables this benchmark prints (adaptive TTA, refinement), from its artefact."""
+    r = artefact["results"]
+    return [f"### Adaptive TTA ({r['what']})", adaptive_table(r["adaptive_tta"]), refinement_table(r["refinement"])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--data", choices=("auto", *POLICIES), default="auto", help="auto: Fashion-MNIST if installed")
     parser.add_argument("--subset", type=int, default=3000, help="test images used (Fashion-MNIST has 10,000)")
+    parser.add_argument("--artefact", help="results file benchmarks/results/NAME.json (default: iterative_<data>)")
     args = parser.parse_args()
     setup_threads()
     quiet()
     start = load()
     name = args.data if args.data != "auto" else ("fashion_mnist" if os.path.isdir(FASHION_MNIST_DIR) else "digits")
+    args.artefact = args.artefact or f"iterative_{name}"
     x_train, y_train, x_test, y_test = load_data(name)
     x_test, y_test = x_test[: args.subset], y_test[: args.subset]
     policy = POLICIES[name]
     views = ttc.Augmenter(policy).views
     model = Counted(train(EPOCHS[name], train_views=views, data=(x_train, y_train)).net).eval()
-    part1 = adaptive_tta(model, policy, x_test, y_test, args.reps, args.bootstrap)
-    part2 = refinement(args.reps)
-    print(header("Iterative inference: adaptive TTA and refinement", load_at_start=start))
     what = f"{name} CNN ({EPOCHS[name]} epochs, {len(x_test)} test images), `{' x '.join(policy)}` {len(views)} views"
-    print(f"### Adaptive TTA ({what}; adaptive: {RULE!r}, eager: {EAGER_RULE!r})\n")
+    results = {
+        "data": name,
+        "what": f"{what}; adaptive: {RULE!r}, eager: {EAGER_RULE!r}",
+        "adaptive_tta": adaptive_tta(model, policy, x_test, y_test, args.reps, args.bootstrap),
+        "refinement": refinement(args.reps),
+    }
+    artefact = save(args, results, start)
+    print(header("Iterative inference: adaptive TTA and refinement", artefact))
+    heading, part1, part2 = render(artefact)
+    print(heading + "\n")
     print(part1)
     print("### Refinement (fixed-point model, `Converged(1e-4)` vs a fixed `max_iters`)\n")
     print(part2)

@@ -1,6 +1,7 @@
 """Peak memory of d4 test-time augmentation: one view per forward (chunked) against all views stacked.
 
-Run: ``.venv/bin/python benchmarks/tta_memory.py [--batch-size 64] [--size 64]``
+Run: ``.venv/bin/python benchmarks/tta_memory.py [--batch-size 64] [--size 64]``; writes
+``benchmarks/results/tta_memory.json`` (``--artefact NAME`` for another name).
 
 Each configuration runs in its own subprocess (this script with ``--child NAME``), so peaks do not mix. The child
 builds the model (the convnet without max-pools, so activations dominate) and the input, runs a warm-up forward of
@@ -17,12 +18,13 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 import ttach
-from common import convnet, header, load, setup_threads, table
+from common import Artefact, add_artefact_option, convnet, header, load, save, setup_threads, table
 from torch import Tensor, nn
 
 import ttc_lightning as ttc
@@ -70,41 +72,51 @@ def child(name: str, batch: int, size: int) -> None:
     print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--size", type=int, default=64, help="image side")
-    parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args.child, args.batch_size, args.size)
-        return
-    start_load = load()
-    setup_threads()
-    results = {}
-    for name in CONFIGS:
-        command = [sys.executable, os.path.abspath(__file__), "--child", name]
-        command += ["--batch-size", str(args.batch_size), "--size", str(args.size)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-
-    one_view = 4 * args.batch_size * 128 * args.size**2 / 2**20  # the largest activation of one view, fp32
-    print(header("TTA memory: d4 peak memory, chunked vs stacked views", "cpu", start_load))
-    print(
-        f"Model: 3 conv blocks (32-64-128, BN+ReLU, no downsampling), global pool, linear 10; batch "
-        f"{args.batch_size} x 3x{args.size}x{args.size}, fp32, CPU, inference_mode. Peak = ru_maxrss after the "
-        f"forward minus ru_maxrss after a batch-1 warm-up, each configuration in its own process. One view's "
-        f"largest activation (128 channels) is {one_view:.0f} MB.\n"
-    )
+def render(artefact: Artefact) -> list[str]:
+    """The table and the ratio line this benchmark prints, from its artefact."""
+    results = artefact["results"]
     chunked = results["chunked"]["peak"] - results["chunked"]["baseline"]
     rows = []
     for name, description in CONFIGS.items():
         r = results[name]
         extra = r["peak"] - r["baseline"]
         rows.append([name, description, f"{r['baseline']:.0f}", f"{extra:.0f}", f"{extra / chunked:.2f}", r["seconds"]])
-    print(table(["config", "what", "baseline MB", "peak - baseline MB", "vs chunked", "forward s"], rows))
     stacked = results["stacked"]["peak"] - results["stacked"]["baseline"]
-    print(f"stacked / chunked peak memory: {stacked / chunked:.2f}")
+    return [
+        table(["config", "what", "baseline MB", "peak - baseline MB", "vs chunked", "forward s"], rows),
+        f"Stacked / chunked peak memory: {stacked / chunked:.2f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=64, help="image side")
+    parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    add_artefact_option(parser, "tta_memory")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.batch_size, args.size)
+        return
+    start_load = load()
+    setup_threads()
+    results: dict[str, Any] = {}
+    for name in CONFIGS:
+        command = [sys.executable, os.path.abspath(__file__), "--child", name]
+        command += ["--batch-size", str(args.batch_size), "--size", str(args.size)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    del args.child
+    artefact = save(args, results, start_load)
+    one_view = 4 * args.batch_size * 128 * args.size**2 / 2**20  # the largest activation of one view, fp32
+    print(header("TTA memory: d4 peak memory, chunked vs stacked views", artefact))
+    print(
+        f"Model: 3 conv blocks (32-64-128, BN+ReLU, no downsampling), global pool, linear 10; batch "
+        f"{args.batch_size} x 3x{args.size}x{args.size}, fp32, CPU, inference_mode. Peak = ru_maxrss after the "
+        f"forward minus ru_maxrss after a batch-1 warm-up, each configuration in its own process. One view's "
+        f"largest activation (128 channels) is {one_view:.0f} MB.\n"
+    )
+    print("\n".join(render(artefact)))
 
 
 if __name__ == "__main__":

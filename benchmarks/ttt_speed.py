@@ -1,7 +1,8 @@
 """Speed of test-time training through ``Trainer.predict``: Tent against a plain predict and a bare-torch TENT loop,
 and how many backward passes EATA's filters save.
 
-Run: ``.venv/bin/python benchmarks/ttt_speed.py [--batches 20] [--batch-size 64] [--reps 7] [--device cpu]``
+Run: ``.venv/bin/python benchmarks/ttt_speed.py [--batches 20] [--batch-size 64] [--reps 7] [--device cpu]``; writes
+``benchmarks/results/ttt_speed.json`` (``--artefact NAME`` for another name).
 
 Configurations, timed interleaved with the order rotated each repetition (see ``common.interleaved``):
 
@@ -20,6 +21,7 @@ import copy
 import functools
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
@@ -27,10 +29,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch
 import torch.nn.functional as F
 from common import (
+    Artefact,
     header,
     interleaved,
     load,
     median,
+    save,
     speed_arguments,
     speed_workload,
     table,
@@ -42,6 +46,12 @@ from torch import Tensor, nn
 import ttc_lightning as ttc
 
 ADAM = functools.partial(torch.optim.Adam, lr=1e-3)
+LABELS = {
+    "A": "Trainer.predict, no callback",
+    "B": "Trainer.predict + Tent (Adam 1e-3, steps=1)",
+    "C": "bare-torch TENT loop (tent.py), no Trainer",
+    "D": "Trainer.predict + EATA (Adam 1e-3)",
+}
 
 
 def tent_loop(net: nn.Module, batches: list[Tensor], device: str) -> list[Tensor]:
@@ -67,9 +77,33 @@ def tent_loop(net: nn.Module, batches: list[Tensor], device: str) -> list[Tensor
     return outputs
 
 
+def render(artefact: Artefact) -> list[str]:
+    """The tables and the difference line this benchmark prints, from its artefact."""
+    args, r = artefact["arguments"], artefact["results"]
+    times = r["seconds"]
+    t = {name: median(values) for name, values in times.items()}
+    rows = [[name, LABELS[name], t[name], min(times[name]), f"{1e3 * t[name] / args['batches']:.1f}"] for name in times]
+
+    def ratio(a: str, b: str) -> float:
+        return median([x / y for x, y in zip(times[a], times[b], strict=True)])
+
+    ratios = [
+        ["B/A", ratio("B", "A"), "2-3 (one forward + one backward)"],
+        ["B/C", ratio("B", "C"), "<= 1.10"],
+        ["D/B", ratio("D", "B"), ""],
+    ]
+    eata = [[m["method"], f"{m['error']:.1f}", m["backward_passes"]] for m in r["blurred_digits"]]
+    return [
+        table(["config", "what", "median s", "min s", "ms / batch (median)"], rows),
+        table(["ratio", "median of paired", "goal"], ratios),
+        f"Max |difference| between Tent's predictions and the bare loop's: {r['max_difference_tent_bare']:.2e}",
+        table(["method", "error %", "backward passes / batches"], eata),
+    ]
+
+
 def main() -> None:
     start_load = load()
-    args = speed_arguments(__doc__.splitlines()[0])
+    args = speed_arguments(__doc__.splitlines()[0], "ttt_speed")
     device = args.device
     net, batches, loader, lit = speed_workload(args)
 
@@ -84,36 +118,27 @@ def main() -> None:
     }
     times, warm = interleaved(configs, args.reps, device)
     difference = (torch.cat(warm["B"]).cpu() - torch.cat(warm["C"]).cpu()).abs().max().item()  # type: ignore[arg-type]
-    t = {name: median(values) for name, values in times.items()}
-    labels = {
-        "A": "Trainer.predict, no callback",
-        "B": "Trainer.predict + Tent (Adam 1e-3, steps=1)",
-        "C": "bare-torch TENT loop (tent.py), no Trainer",
-        "D": "Trainer.predict + EATA (Adam 1e-3)",
+    results: dict[str, Any] = {
+        "seconds": times,
+        "max_difference_tent_bare": difference,
+        "blurred_digits": eata_backward_passes(),
     }
-    print(header("TTT speed: Tent and EATA", device, start_load))
+    artefact = save(args, results, start_load, device)
+    print(header("TTT speed: Tent and EATA", artefact))
     print(
         f"Model: 3 conv blocks (32-64-128, BN+ReLU, max-pool after blocks 1-2), global pool, linear 10; "
         f"{args.batches} batches of {args.batch_size} x 3x{args.size}x{args.size} on "
         f"{device}; median of {args.reps} interleaved repetitions after one warm-up.\n"
     )
-    rows = [[name, labels[name], t[name], min(times[name]), f"{1e3 * t[name] / args.batches:.1f}"] for name in configs]
-    print(table(["config", "what", "median s", "min s", "ms / batch (median)"], rows))
-
-    def ratio(a: str, b: str) -> float:
-        return median([x / y for x, y in zip(times[a], times[b], strict=True)])
-
-    ratios = [
-        ["B/A", ratio("B", "A"), "2-3 (one forward + one backward)"],
-        ["B/C", ratio("B", "C"), "<= 1.10"],
-        ["D/B", ratio("D", "B"), ""],
-    ]
-    print(table(["ratio", "median of paired", "goal"], ratios))
-    print(f"Max |difference| between Tent's predictions and the bare loop's: {difference:.2e}\n")
-    eata_backward_passes()
+    speeds, ratios, difference_line, eata = render(artefact)
+    print(speeds)
+    print(ratios)
+    print(difference_line + "\n")
+    print("Blurred digits (719 images, batch 64): backward passes per batch and error\n")
+    print(eata)
 
 
-def eata_backward_passes() -> None:
+def eata_backward_passes() -> list[dict[str, Any]]:
     """Backward passes of EATA and Tent on blurred digits (a real shift), with the error of each."""
     quiet()
     model = train(epochs=10)
@@ -130,9 +155,8 @@ def eata_backward_passes() -> None:
         logits = predict(model, blurred, [callback] if callback else [])
         error = (logits.argmax(1) != labels).float().mean().item() * 100
         passes = "" if callback is None else f"{callback.backwards} / {callback.batches_seen}"
-        rows.append([name, f"{error:.1f}", passes])
-    print("Blurred digits (719 images, batch 64): backward passes per batch and error\n")
-    print(table(["method", "error %", "backward passes / batches"], rows))
+        rows.append({"method": name, "error": error, "backward_passes": passes})
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Long online adaptation: memory, throughput, non-finite outputs and collapse resets over a stream of 100k+ samples.
 
-Run: ``.venv/bin/python benchmarks/ttt_stream.py [--cycles 10] [--batch-size 64] [--window 100] [--threads 1]``
+Run: ``.venv/bin/python benchmarks/ttt_stream.py [--cycles 10] [--batch-size 64] [--window 100] [--threads 1]``;
+writes ``benchmarks/results/ttt_stream.json`` (``--artefact NAME`` for another name).
 
 The model is the digits CNN of ``recipes/digits.py`` (two conv + BatchNorm blocks, 6k parameters), trained
 deterministically for ``--epochs`` epochs on scikit-learn's digits. The stream is the 719-image test split corrupted
@@ -59,7 +60,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import lightning.pytorch as pl
 import torch
-from common import header, load, median, setup_threads, table
+from common import Artefact, add_artefact_option, header, load, median, save, setup_threads, table
 from digits import DigitsCNN, digits, quiet, train
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
@@ -426,6 +427,7 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    add_artefact_option(parser, "ttt_stream")
     args = parser.parse_args()
     if args.cycles < 1 or args.batch_size < 2 or args.window < 1 or args.threads < 1:
         parser.error("--cycles, --window and --threads must be >= 1 and --batch-size >= 2 (batch statistics)")
@@ -468,8 +470,10 @@ def main() -> None:
                 sys.exit(f"{name} failed:\n{done.stderr}")
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{name}: {results[name]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    del args.child, args.data
+    artefact = save(args, {"samples": len(images), "configs": results}, start_load)
     batches = -(-len(images) // args.batch_size)
-    print(header("Long online adaptation: memory, throughput, NaN, resets", "cpu", start_load))
+    print(header("Long online adaptation: memory, throughput, NaN, resets", artefact))
     print(
         f"Stream: digits test split (719) under the 15 corruptions in a row (continual) at severity {args.severity}, "
         f"{args.cycles} cycles with seeds 0-{args.cycles - 1}: {len(images)} samples, {batches} batches of "
@@ -477,20 +481,42 @@ def main() -> None:
         f"{args.threads} torch thread(s) per configuration, each in its own process; tent-fast: Adam lr "
         f"{args.fast_lr}, reset below {args.collapse_below}. First/last: the first and last full windows.\n"
     )
+    summary, written, collapse = render(artefact)
+    print(summary)
+    print(written + "\n")
+    print(collapse)
+    for name in args.windows:
+        if name in results:
+            print(f"### {name}, per window\n")
+            print(window_table([Window(**w) for w in results[name]["windows"]]))
+
+
+def render(artefact: Artefact) -> list[str]:
+    """The summary table, the writer's check and the per-window collapse table, from the artefact."""
+    args, results = artefact["arguments"], artefact["results"]["configs"]
     columns = ["config", "samples", "wall s", "samples/s (median window)", "error %", "RSS first MB"]
     columns += ["RSS last-first MB", "index lists last-first MB", "RSS MB / 100k (slope, 2nd half)"]
     columns += ["live tensors last-first", "gc objects last-first", "throughput last/first"]
     columns += ["throughput 2nd/1st half (medians)", "non-finite", "updates", "resets", "skipped"]
     windows = {name: [Window(**w) for w in result["windows"]] for name, result in results.items()}
-    print(table(columns, [summary_row(name, r, windows[name], args.window) for name, r in results.items()]))
-    for name, result in results.items():
-        if result["written"]:
-            print(f"{name}: {result['written']}\n")
-    for name in args.windows:
-        if name in windows:
-            print(f"### {name}, per window\n")
-            print(window_table(windows[name]))
+    rows = [summary_row(name, r, windows[name], args["window"]) for name, r in results.items()]
+    written = "\n".join(f"{name}: {r['written']}" for name, r in results.items() if r["written"])
+    return [table(columns, rows), written, collapse_table(windows, args["windows"])]
 
 
-if __name__ == "__main__":
-    main()
+def collapse_table(windows: dict[str, list[Window]], names: list[str]) -> str:
+    """Error %, mean entropy and resets per window (columns) of the configurations ``names``."""
+    shown = [name for name in names if name in windows]
+    if not shown:
+        return ""
+    seen, columns = 0, ["samples seen (k)"]
+    for w in windows[shown[0]]:
+        seen += w.samples
+        columns.append(f"{seen / 1000:.1f}")
+    rows: list[list[object]] = []
+    for name in shown:
+        rows.append([f"{name} error %", *(f"{w.error:.1f}" for w in windows[name])])
+        rows.append([f"{name} entropy", *(f"{w.entropy:.3f}" for w in windows[name])])
+        if any(w.resets for w in windows[name]):
+            rows.append([f"{name} resets", *(w.resets for w in windows[name])])
+    return table(columns, rows)

@@ -7,8 +7,13 @@ policies, and prints a markdown table of error rates (%) and negative log-likeli
 transform registered with ``@ttc.register_transform``; ``hflip`` is there to show that a policy must suit the data
 (digits are not mirror-symmetric).
 
-Run: ``python recipes/tta_demo.py`` (after ``bash .ci/setup``).
+Run: ``python recipes/tta_demo.py`` (after ``bash .ci/setup``); writes ``benchmarks/results/tta_demo.json`` (the
+results with the date, machine and versions; ``--artefact NAME`` for another name).
 """
+
+import argparse
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -37,23 +42,37 @@ POLICIES: dict[str, ttc.TestTimeAugmentation | None] = {
 
 
 def main() -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from common import add_artefact_option, load, save
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_artefact_option(parser, "tta_demo")
+    args = parser.parse_args()
+    start = load()
     quiet()
     print("Training a small CNN on digits (40 epochs)...")
     model = train(epochs=40, train_views=TRAIN_VIEWS)
     _, _, x_test, y_test = digits()
-    rows = []
+    results: dict[str, dict[str, dict[str, float]]] = {}
     for name, policy in POLICIES.items():
-        cells = []
-        for images in test_sets(x_test).values():
+        for data, images in test_sets(x_test).items():
             logits = predict(model, images, [policy] if policy else [], batch_size=256)
             error = (logits.argmax(1) != y_test).float().mean().item() * 100
             nll = F.cross_entropy(logits, y_test).item()
-            cells.append(f"{error:.1f} / {nll:.3f}")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+            results.setdefault(name, {})[data] = {"error": error, "nll": nll}
+    save(args, results, start)
     print("\nTest-time augmentation on digits (error % / NLL; lower is better)\n")
-    print("| policy | " + " | ".join(test_sets(x_test[:1])) + " |")
-    print("|---|" + "---|" * 3)
-    print("\n".join(rows))
+    print(render(results))
+
+
+def render(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The demo's markdown table: error % / NLL per policy and test set."""
+    sets = list(next(iter(results.values())))
+    lines = ["| policy | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for name, by_set in results.items():
+        cells = [f"{r['error']:.1f} / {r['nll']:.3f}" for r in by_set.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
