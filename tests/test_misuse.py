@@ -335,7 +335,7 @@ def test_resume_from_a_missing_file_or_a_file_that_is_not_a_state(tmp_path):
     [
         case("anytime", lambda: TTA(anytime=True), r"`anytime` and `return_views` need a stopping rule"),
         case("median", lambda: TTA(stop=stopping.Confidence(), merge="median"), r"merge='median'"),
-        case("chunk", lambda: TTA(stop=stopping.Confidence(), chunk_size=None), r"`chunk_size` must be 'auto'"),
+        case("chunk", lambda: TTA(stop=stopping.Confidence(), chunk_size=None), r"`chunk_size`=None has no effect"),
         case("min_views", lambda: TTA(stop=stopping.Confidence(), min_views=3), r"`min_views`=3 exceeds the 2"),
         case("class_rule", lambda: TTA(stop=stopping.Margin(), task="segmentation"), r"needs task='classif"),
         case("vote_sigmoid", lambda: TTA(merge="vote", activation="sigmoid"), r"activation='sigmoid'"),
@@ -358,16 +358,77 @@ def test_no_optimizer_for_a_preset_that_takes_gradient_steps(preset):
 
 
 @pytest.mark.parametrize(
-    ("make", "match"),
+    ("make", "error", "match"),
     [
-        case("steps", lambda: ttc.TestTimeTraining(steps=3), r"`steps` set without an `optimizer`"),
-        case("scheduler", lambda: ttc.BatchNormAdapt(scheduler=lambda o: None), r"`scheduler` set without"),
-        case("several", lambda: ttc.BatchNormAdapt(params="all", tol=0.1), r"`params`, `tol` set without"),
-        case("objective", lambda: ttc.TestTimeTraining(objective=lambda y: y.sum()), r"`objective` set"),
+        case("steps", lambda: ttc.TestTimeTraining(steps=3), ValueError, r"`steps` set without an `optimizer`"),
+        case("several", lambda: ttc.TestTimeTraining(params="all", tol=0.1), ValueError, r"`params`, `tol` set with"),
+        case("objective", lambda: ttc.TestTimeTraining(objective=lambda y: y.sum()), ValueError, r"`objective` set"),
+        case("sync", lambda: ttc.TestTimeTraining(sync=True), ValueError, r"`sync` set without an `optimizer`"),
+        case(
+            "bn_scheduler",
+            lambda: ttc.BatchNormAdapt(scheduler=lambda o: None),
+            TypeError,
+            r"'scheduler'.*`scheduler` has no effect in BatchNormAdapt: nothing is trained",
+        ),
+        case(
+            "bn_several",
+            lambda: ttc.BatchNormAdapt(params="all", flags=True),
+            TypeError,
+            r"'params', 'flags'; .*accepts its own arguments plus reset, keep_adapted, save_every_n_batches",
+        ),
     ],
 )
-def test_gradient_options_without_an_optimizer(make, match):
-    check_refused(make, ValueError, match)
+def test_gradient_options_without_an_optimizer(make, error, match):
+    check_refused(make, error, match)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        case("tent_norm_alpha", lambda: ttc.Tent(norm_alpha=0.3), TypeError, r"`norm_alpha` has no effect in Tent"),
+        case("memo_objective", lambda: ttc.MEMO(objective=len), TypeError, r"`objective` has no effect in MEMO"),
+        case("cotta_objective", lambda: ttc.CoTTA(objective=len), TypeError, r"`objective` has no effect in CoTTA"),
+        case(
+            "norm_alpha",
+            lambda: ttc.TestTimeTraining(SGD, norm="batch", norm_alpha=0.3),
+            ValueError,
+            r"`norm_alpha`=0.3 has no effect: .*norm='mix', and norm='batch'. Set norm='mix'",
+        ),
+        case("clip_mode", lambda: ttc.Tent(clip_mode="value"), ValueError, r"`clip_mode`='value' has no effect"),
+        case("tol", lambda: ttc.Tent(tol=0.1, steps=2), ValueError, r"`tol`=0.1 has no effect: .*steps >= 3"),
+        case("scheduler", lambda: ttc.Tent(scheduler=len, episodic=True), ValueError, r"`scheduler`=.* no effect"),
+        case("save_path", lambda: ttc.Tent(save_path="s.pt"), ValueError, r"`save_path`='s.pt' has no effect"),
+        case("bn_keep", lambda: ttc.BatchNormAdapt(keep_adapted=True), ValueError, r"`keep_adapted`=True .*'ema'"),
+        case("min_views", lambda: TTA(min_views=2), ValueError, r"`min_views`=2 has no effect: .*stop=None"),
+        case(
+            "flip_classes",
+            lambda: TTA("rot90", flip_classes=[(0, 1)]),
+            ValueError,
+            r"`flip_classes`=\[\(0, 1\)\] has no effect: .*'rot90' has none",
+        ),
+        case("activation", lambda: TTA(activation="sigmoid"), ValueError, r"`activation`='sigmoid' has no effect"),
+        case("refine_seed", lambda: ttc.IterativeInference("refine", seed=1), ValueError, r"`seed`=1 has no effect"),
+        case("min_iters", lambda: ttc.IterativeInference(min_iters=2), ValueError, r"`min_iters`=2 has no effect"),
+        case("interpolation", lambda: ttc.Scale([1], "area"), ValueError, r"`interpolation`='area' has no effect"),
+        case("fisher_alpha", lambda: ttc.EATA(fisher_alpha=1.0), ValueError, r"`fisher_alpha`=1.0 has no effect"),
+        case("reset_below", lambda: ttc.SAR(episodic=True, reset_below=0.1), ValueError, r"`reset_below`=0.1 has"),
+        case("memo_views", lambda: ttc.MEMO(transforms="d4", views=4), ValueError, r"`views`=4 has no effect"),
+        case("cotta_views", lambda: ttc.CoTTA(anchor_threshold=0, views=4), ValueError, r"`views`=4 has no"),
+        case(
+            "shard_size",
+            lambda: ttc.PredictionWriter("p.pt", shard_size=4, merge=False),
+            ValueError,
+            r"`shard_size`=4 has no effect: .* merge_parts\(path, shard_size=4\)",
+        ),
+    ],
+)
+def test_an_argument_that_cannot_act_given_the_others(make, error, match):
+    """A sample of the refusals; tests/test_arguments.py tries every argument of every public class."""
+    check_refused(make, error, match)
+
+
+def test_sync_on_one_process_is_refused_before_any_batch():
+    refused([ttc.Tent(optimizer=SGD, sync=True)], ConvNet(), loader(images(8)), ValueError, r"`sync`=True has no eff")
 
 
 def test_the_callback_class_instead_of_an_instance_is_lightnings_own_error():

@@ -55,3 +55,23 @@ def check_trainer(trainer: Any, owner: str) -> None:
             "is a separate copy of Lightning whose classes do not mix with `lightning.pytorch`: use "
             "`import lightning.pytorch as pl` (or `import lightning as L`, the same API) for the Trainer and module."
         )
+
+
+def is_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` is ``default`` (or equal to it: a value equal to the default is never refused)."""
+    if value is default:
+        return True
+    try:
+        return bool(value == default) and isinstance(value, bool) == isinstance(default, bool)
+    except (RuntimeError, TypeError, ValueError):  # e.g. a tensor, whose == is element-wise
+        return False
+
+
+def check_unused(name: str, value: Any, default: Any, why: str, remedy: str) -> None:
+    """Raise ``ValueError`` when ``value`` differs from ``default`` although it cannot act given the other arguments.
+
+    The message names the argument and its value, says why it has no effect (``why``) and what would make it act
+    (``remedy``).
+    """
+    if not is_default(value, default):
+        raise ValueError(f"`{name}`={value!r} has no effect: {why}. {remedy}.")

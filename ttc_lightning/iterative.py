@@ -10,11 +10,11 @@ from torch.nn.modules.dropout import _DropoutNd
 from typing_extensions import override
 
 from ttc_lightning.callback import TestTimeCallback
-from ttc_lightning.checks import check_bool, check_choice, check_int
+from ttc_lightning.checks import check_bool, check_choice, check_int, check_unused
 from ttc_lightning.halting import Draws, HaltingStats, halt, put_rows, select_rows, tree_map
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.stopping import StoppingRule
-from ttc_lightning.tta.augmix import process_rank
+from ttc_lightning.tta.augmix import RandomAugment, process_rank
 from ttc_lightning.tta.merge import SPACES, Merger
 
 MODES = ("refine", "sample")
@@ -92,9 +92,10 @@ class IterativeInference(TestTimeCallback):
         stop: a :mod:`~ttc_lightning.stopping` rule decided per sample after each iteration, or ``None`` to run
             every sample ``max_iters`` times. Default ``None``.
         max_iters: the most iterations per sample. Default ``10``.
-        min_iters: iterations every sample gets before ``stop`` is asked (at most ``max_iters``). Default ``1``.
+        min_iters: iterations every sample gets before ``stop`` is asked (needs ``stop``; below ``max_iters``
+            unless ``anytime``, or the rule could never act). Default ``1``.
         space: ``sample`` mode: average probabilities (``prob``), log-probabilities (``logprob``) or raw outputs
-            (``raw``, e.g. for regression). Default ``"prob"``.
+            (``raw``, e.g. for regression); refused in ``refine`` mode. Default ``"prob"``.
         augment: ``sample`` mode: a callable drawing a random view of an input batch, such as
             :class:`~ttc_lightning.RandomAugment`. Default ``None`` (dropout alone).
         warm_start: ``refine`` mode: start each sample from the state sample ``i`` of the previous batch halted
@@ -103,8 +104,10 @@ class IterativeInference(TestTimeCallback):
         anytime: return each sample's output at its best-scoring iteration (by the rule's score) instead of its
             last; needs ``stop``. Default ``False``.
         return_iterations: add each sample's iteration count as the extra ``iterations``. Default ``False``.
-        seed: ``sample`` mode: base seed of the draws; each process uses ``seed + rank``, each stage starts again
-            from it, and the global random state is left untouched. Default ``0``.
+        seed: ``sample`` mode: base seed of the draws (dropout and anything ``augment`` draws from torch's global
+            generator); each process uses ``seed + rank``, each stage starts again from it, and the global random state
+            is left untouched. Refused in ``refine`` mode, and at the start of the stage for a model without dropout
+            whose ``augment`` is a :class:`~ttc_lightning.RandomAugment` (seed that instead). Default ``0``.
         stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
 
     Figures in the progress bar and the logger, and summarised at the end: ``iterations`` (mean per sample),
@@ -156,6 +159,18 @@ class IterativeInference(TestTimeCallback):
         if anytime and stop is None:
             raise ValueError("`anytime` ranks iterations by the stopping rule's score: pass `stop`.")
         check_int("seed", seed, 0)
+        if mode == "refine":
+            why = "mode='refine' calls ttc_refine deterministically: it averages no draws and draws no random numbers"
+            check_unused("space", space, "prob", why, "Use mode='sample' or drop it")
+            check_unused("seed", seed, 0, why, "Use mode='sample' or drop it")
+        if stop is None:
+            why = "it is the number of iterations every sample gets before `stop` is asked, and stop=None"
+            check_unused("min_iters", min_iters, 1, why, "Pass a stopping rule as `stop` or drop it")
+        elif min_iters == max_iters and not anytime:
+            raise ValueError(
+                f"`stop`={stop!r} has no effect: min_iters={min_iters} equals max_iters, so every sample runs "
+                "max_iters iterations before the rule is asked. Use min_iters < max_iters, or drop stop."
+            )
         self.mode, self.stop, self.max_iters, self.min_iters = mode, stop, max_iters, min_iters
         self.space, self.augment, self.warm_start, self.anytime = space, augment, warm_start, anytime
         self.return_iterations, self.seed = return_iterations, seed
@@ -212,6 +227,12 @@ class IterativeInference(TestTimeCallback):
             raise ValueError(
                 f"mode='sample' needs randomness, but {type(context.module).__name__} has no dropout layer with p > 0 "
                 "and no `augment` was given. Pass augment=ttc.RandomAugment() or use a model with dropout."
+            )
+        if self.seed != 0 and not dropouts and isinstance(self.augment, RandomAugment):
+            raise ValueError(
+                f"`seed`={self.seed} has no effect: it seeds dropout and draws from torch's global generator, and "
+                f"{type(context.module).__name__} has no dropout while `augment` (a RandomAugment) draws from its own "
+                "generator. Seed the augmentation instead (RandomAugment(seed=...)), or drop seed."
             )
         generator = torch.Generator().manual_seed(self.seed + process_rank())
         reseed = getattr(self.augment, "reseed", None)

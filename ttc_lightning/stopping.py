@@ -21,6 +21,21 @@ from torch import Tensor
 
 from ttc_lightning.checks import check_int
 
+__all__ = [
+    "AllOf",
+    "AnyOf",
+    "BetaVote",
+    "Confidence",
+    "Converged",
+    "Entropy",
+    "Margin",
+    "Stable",
+    "StoppingRule",
+    "Trace",
+    "WindowAgreement",
+    "beta_top_two",
+]
+
 
 @dataclass
 class Trace:

@@ -403,7 +403,7 @@ class PredictionWriter(BasePredictionWriter):
             need each rank's samples in dataset order: a shuffled predict dataloader is refused. Shards beyond the
             index left by an earlier run into the same ``path`` are not removed.
         merge: ``True`` (default) merges on rank 0 at the end of the run; ``False`` leaves the part files for
-            :func:`merge_parts`.
+            :func:`merge_parts` (``shard_size`` is then refused: pass it to :func:`merge_parts`).
 
     Example::
 
@@ -420,6 +420,12 @@ class PredictionWriter(BasePredictionWriter):
             check_int("shard_size", shard_size, 1)
         if not isinstance(merge, bool):
             raise ValueError(f"`merge`={merge!r} must be a bool.")
+        if not merge and shard_size is not None:
+            raise ValueError(
+                f"`shard_size`={shard_size} has no effect: shards are written by the merge at the end of the run, and "
+                f"merge=False leaves the part files unmerged. Pass it to merge_parts(path, shard_size={shard_size}) "
+                "when you merge them, or use merge=True."
+            )
         self.path = os.fspath(path)
         self.shard_size = shard_size
         self.merge = merge

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ttc_lightning.checks import check_bool, check_choice, check_int
+from ttc_lightning.checks import check_bool, check_choice, check_int, check_unused
 from ttc_lightning.halting import Draws, HaltingStats, halt
 from ttc_lightning.stopping import StoppingRule
 from ttc_lightning.tta import functional as F
@@ -145,12 +145,20 @@ class Augmenter:
             )
         if merge in ("gmean", "tsharpen") and space == "logprob":
             raise ValueError(f"merge={merge!r} is undefined on log-probabilities (negative); use space='prob'.")
+        self.views = expand(self.transforms)
+        mirrored = any(view.reflects for view in self.views)
+        no_mirror = f"it swaps indices in mirrored views, and transforms={transforms!r} has none"
+        with_mirror = "Add a mirroring transform (hflip, vflip, transpose; d4 and flip include one) or drop it"
         if task in CLASS_TASKS:
             self.flip_classes = _pairs("flip_classes", flip_classes)
+            if self.flip_classes and not mirrored:
+                check_unused("flip_classes", flip_classes, None, no_mirror, with_mirror)
         elif flip_classes:
             raise ValueError(f"`flip_classes` applies to class outputs; task={task!r}. Use flip_pairs for keypoints.")
         if task == "keypoints":
             self.flip_pairs = _pairs("flip_pairs", flip_pairs)
+            if self.flip_pairs and not mirrored:
+                check_unused("flip_pairs", flip_pairs, None, no_mirror, with_mirror)
         elif flip_pairs:
             raise ValueError(f"`flip_pairs` applies to task='keypoints'; got task={task!r}.")
         if chunk_size not in (None, "auto"):
@@ -160,8 +168,20 @@ class Augmenter:
         self.uncertainty = _uncertainty(uncertainty, task)
         self.chunk_size = chunk_size
         class_measures = any(name != "std" for name in self.uncertainty)
+        if self.space == "raw" and not class_measures:
+            why = (
+                "it maps outputs to probabilities for space 'prob'/'logprob' and the uncertainty measures entropy, "
+                f"mutual_info and agreement, and space='raw' with uncertainty={self.uncertainty or None!r} uses none"
+            )
+            check_unused("activation", activation, "softmax", why, "Set space='prob' or a class uncertainty measure")
         self._needs_classes = activation == "softmax" and (merge == "vote" or self.space != "raw" or class_measures)
-        self.views = expand(self.transforms)
+        if len(self.views) == 1:
+            one = f"transforms={transforms!r} gives a single view"
+            if merge in ("sum", "max", "min", "median", "gmean"):
+                why = f"{one}, and merge={merge!r} of one output is that output (as the default 'mean')"
+                check_unused("merge", merge, "mean", why, "Use several views or drop it")
+            why = f"{one}, which is always one forward"
+            check_unused("chunk_size", chunk_size, "auto", why, "Use several views or drop it")
         self._plans: dict[tuple[Size, int | None], list[list[View]]] = {}
         check_int("min_views", min_views, 1)
         check_bool("anytime", anytime)
@@ -172,13 +192,21 @@ class Augmenter:
         if stop is None:
             if anytime or return_views:
                 raise ValueError("`anytime` and `return_views` need a stopping rule: pass `stop`.")
+            why = "it is the number of views every sample gets before `stop` is asked, and stop=None"
+            check_unused("min_views", min_views, 1, why, "Pass a stopping rule as `stop` or drop it")
             return
         if not isinstance(stop, StoppingRule):
             raise TypeError(f"`stop` must be a ttc_lightning.stopping rule; got {type(stop).__name__}.")
         if min_views > len(self.views):
             raise ValueError(f"`min_views`={min_views} exceeds the {len(self.views)} views of `transforms`.")
-        if chunk_size not in ("auto", 1):
-            raise ValueError(f"`stop` runs one view at a time: `chunk_size` must be 'auto' or 1; got {chunk_size!r}.")
+        if min_views == len(self.views) and not anytime:
+            raise ValueError(
+                f"`stop`={stop!r} has no effect: min_views={min_views} is the number of views of `transforms`, so "
+                "every sample gets every view before the rule is asked. Use a smaller `min_views` (or more views), "
+                "or drop stop."
+            )
+        why = "with `stop` the views run one at a time (one forward per view on the samples still running)"
+        check_unused("chunk_size", chunk_size, "auto", why, "Drop chunk_size, or drop stop to stack views")
         if merge == "median":
             raise ValueError("`stop` cannot be combined with merge='median' (it keeps every view); pick another.")
         if stop.uses_classes and task != "classification":

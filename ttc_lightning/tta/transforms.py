@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor
 
+from ttc_lightning.checks import check_unused
 from ttc_lightning.tta import functional as F
 from ttc_lightning.tta.functional import Size
 
@@ -215,9 +216,12 @@ def _check_interpolation(mode: str) -> str:
 class _Resampling(Transform):
     """Shared inverse of the transforms that resample the image to another size."""
 
-    def __init__(self, params: Sequence[Any], interpolation: str) -> None:
+    def __init__(self, params: Sequence[Any], interpolation: str, what: str) -> None:
         super().__init__(params)
         self.interpolation = _check_interpolation(interpolation)
+        if len(self.params) == 1:
+            why = f"{what} leave only the identity view, which is never resampled"
+            check_unused("interpolation", interpolation, "bilinear", why, "Add a view that resamples or drop it")
 
     def augment(self, x: Tensor, param: Any) -> Tensor:
         return F.resize(x, self.output_size(tuple(x.shape[-2:]), param), self.interpolation)
@@ -241,7 +245,7 @@ class Scale(_Resampling):
         scales: factors, identity ``1.0`` prepended when missing. Default ``(1.0, 0.875, 1.125)``. The scaled size
             is ``floor(side * scale)`` (at least 1), as ``interpolate(scale_factor=...)`` and ttach compute it.
         interpolation: ``torch.nn.functional.interpolate`` mode, one of ``nearest``, ``bilinear``, ``bicubic``,
-            ``area``. Default ``bilinear`` (ttach: ``nearest``).
+            ``area``; refused when every scale is 1 (nothing is resampled). Default ``bilinear`` (ttach: ``nearest``).
     """
 
     def __init__(self, scales: Sequence[float] = (1.0, 0.875, 1.125), interpolation: str = "bilinear") -> None:
@@ -250,7 +254,7 @@ class Scale(_Resampling):
         ]
         if bad:
             raise ValueError(f"`scales`={tuple(scales)!r} must be positive numbers; got {bad!r}.")
-        super().__init__(_with_identity(1.0, [float(s) for s in scales]), interpolation)
+        super().__init__(_with_identity(1.0, [float(s) for s in scales]), interpolation, f"scales={tuple(scales)!r}")
 
     def output_size(self, size: Size, param: float) -> Size:
         return (max(1, math.floor(size[0] * param)), max(1, math.floor(size[1] * param)))
@@ -261,12 +265,12 @@ class Resize(_Resampling):
 
     Args:
         sizes: ``(H, W)`` pairs (or ints for square sizes); the original size (parameter ``None``) comes first.
-        interpolation: as for :class:`Scale`. Default ``bilinear``.
+        interpolation: as for :class:`Scale` (refused without ``sizes``). Default ``bilinear``.
     """
 
     def __init__(self, sizes: Sequence[int | Sequence[int]], interpolation: str = "bilinear") -> None:
         pairs = [_as_pair("sizes", s) for s in _sequence("sizes", sizes)]
-        super().__init__((None, *pairs), interpolation)
+        super().__init__((None, *pairs), interpolation, f"sizes={tuple(sizes)!r}")
 
     def output_size(self, size: Size, param: Size | None) -> Size:
         return size if param is None else param

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ttc_lightning.callback import TestTimeCallback
-from ttc_lightning.checks import check_bool, check_choice, check_int, check_range
+from ttc_lightning.checks import check_bool, check_choice, check_int, check_range, check_unused, is_default
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.state import ModuleSnapshot
 from ttc_lightning.ttt.norm import NormStatistics
@@ -26,6 +26,13 @@ RESETS = ("never", "batch", "dataloader")
 CLIP_MODES = ("norm", "value")
 #: Smoothing of the loss average that collapse detection watches (SAR's 0.9).
 COLLAPSE_SMOOTHING = 0.9
+#: Why the statistics weights cannot act in a preset whose BatchNorm layers use the batch's own statistics.
+BATCH_STATISTICS = {
+    "norm_alpha": "it weighs the source statistics of norm='mix', and the preset normalises with the batch's own "
+    "statistics (norm='batch')",
+    "norm_momentum": "it weighs each batch in the running statistics of norm='ema', and the preset normalises with the "
+    "batch's own statistics (norm='batch')",
+}
 
 
 class TestTimeTraining(TestTimeCallback):
@@ -99,26 +106,43 @@ class TestTimeTraining(TestTimeCallback):
     role: ClassVar[str] = "adaptation"
     #: :class:`TestTimeTraining` arguments a preset sets itself (its ``**options`` may not contain them).
     fixed_options: ClassVar[tuple[str, ...]] = ()
+    #: :class:`TestTimeTraining` arguments that cannot act in a preset, each with the reason (refused like
+    #: :attr:`fixed_options`).
+    unused_options: ClassVar[dict[str, str]] = {}
     #: Whether the preset adapts by gradient steps, so that ``optimizer=None`` is an error.
     requires_optimizer: ClassVar[bool] = False
 
     @classmethod
     def shared_options(cls) -> tuple[str, ...]:
         """The :class:`TestTimeTraining` arguments a preset takes through ``**options``: those it neither names in
-        its own signature nor sets itself."""
+        its own signature, nor sets itself, nor leaves without effect."""
         own = inspect.signature(cls.__init__).parameters
         base = inspect.signature(TestTimeTraining.__init__).parameters
-        return tuple(name for name in base if name != "self" and name not in own and name not in cls.fixed_options)
+        refused = {*cls.fixed_options, *cls.unused_options}
+        return tuple(name for name in base if name != "self" and name not in own and name not in refused)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
-        """Raise ``TypeError`` for a preset option that is not a shared :class:`TestTimeTraining` argument."""
-        bad = [name for name in options if name not in cls.shared_options()]
+        """Raise ``TypeError`` for a preset option that is not a shared :class:`TestTimeTraining` argument (an
+        option without effect in the preset passes at its default value, as signature-driven parsers such as
+        LightningCLI give every argument)."""
+        base = inspect.signature(TestTimeTraining.__init__).parameters
+        bad = [
+            name
+            for name in options
+            if name not in cls.shared_options()
+            and not (name in cls.unused_options and is_default(options[name], base[name].default))
+        ]
         if bad:
+            reasons = "".join(
+                f" `{name}` has no effect in {cls.__name__}: {cls.unused_options[name]}."
+                for name in bad
+                if name in cls.unused_options
+            )
             raise TypeError(
                 f"{cls.__name__} got unexpected option(s) {', '.join(map(repr, bad))}; it sets "
                 f"{', '.join(cls.fixed_options) or 'nothing'} itself and accepts its own arguments plus "
-                f"{', '.join(cls.shared_options())}."
+                f"{', '.join(cls.shared_options())}.{reasons}"
             )
 
     def __init__(
@@ -187,8 +211,12 @@ class TestTimeTraining(TestTimeCallback):
                 "steps": steps != 1,
                 "scheduler": scheduler is not None,
                 "clip_grad": clip_grad is not None,
+                "clip_mode": clip_mode != "norm",
                 "tol": tol is not None,
                 "reset_on_collapse": reset_on_collapse is not None,
+                "reset_on_nonfinite": reset_on_nonfinite,
+                "sync": sync,
+                "flags": flags,
             }
             unused = [f"`{name}`" for name, given in gradient_options.items() if given]
             if unused:
@@ -200,6 +228,26 @@ class TestTimeTraining(TestTimeCallback):
         check_range("norm_alpha", norm_alpha, 0, 1)
         check_range("norm_momentum", norm_momentum, 0, 1, low_open=True)
         self.norm = NormStatistics(norm, norm_alpha, norm_momentum)
+        _check_combinations(
+            dict(
+                trains=optimizer is not None,
+                norm=norm,
+                norm_alpha=norm_alpha,
+                norm_momentum=norm_momentum,
+                steps=steps,
+                scheduler=scheduler,
+                clip_grad=clip_grad,
+                clip_mode=clip_mode,
+                tol=tol,
+                reset=reset,
+                reset_on_collapse=reset_on_collapse,
+                reset_on_nonfinite=reset_on_nonfinite,
+                keep_adapted=keep_adapted,
+                save_every_n_batches=save_every_n_batches,
+                save_path=save_path,
+                resume_from=resume_from,
+            )
+        )
         self.clip_grad, self.clip_mode, self.tol = clip_grad, clip_mode, tol
         self.reset_policy, self.reset_on_collapse = reset, reset_on_collapse
         self.reset_on_nonfinite = reset_on_nonfinite
@@ -235,6 +283,7 @@ class TestTimeTraining(TestTimeCallback):
 
     def wrap(self, inner: Forward, context: Context) -> Forward:
         module = context.module
+        self._check_run(module)
         self._clear_figures()
         context.cleanups.append(self.norm.apply(module, required=self.optimizer_factory is None))
         self._params: list[nn.Parameter] = []
@@ -283,6 +332,24 @@ class TestTimeTraining(TestTimeCallback):
             return self.predict(inner, context, x, args, kwargs, output)
 
         return forward
+
+    def _check_run(self, module: nn.Module) -> None:
+        """Refuse, at the start of the stage, the arguments that the run leaves without effect."""
+        if self.sync and not distributed():
+            raise ValueError(
+                "`sync`=True has no effect: it keeps the processes of a multi-process run in step, and this run has "
+                "one process. Run on several devices (e.g. strategy='ddp') or drop it."
+            )
+        trainer = getattr(module, "_trainer", None)
+        if self.reset_policy == "dataloader" and trainer is not None:
+            stage = trainer.state.stage.value if trainer.state.stage is not None else ""
+            name = {"predict": "num_predict_batches", "test": "num_test_batches", "validate": "num_val_batches"}
+            loaders = len(getattr(trainer, name[stage])) if stage in name else 0
+            if loaders == 1:
+                raise ValueError(
+                    f"`reset`='dataloader' has no effect: it resets when a new {stage} dataloader starts, and this run "
+                    "has one. Pass several dataloaders, or use reset='batch' or 'never'."
+                )
 
     def _new_optimizer(self) -> None:
         self._optimizer = self._scheduler = None
@@ -531,6 +598,62 @@ class TestTimeTraining(TestTimeCallback):
 
     def after_batch(self, trainer: pl.Trainer) -> None:
         self._save(trainer)
+
+
+def _check_combinations(a: dict[str, Any]) -> None:
+    """Refuse the :class:`TestTimeTraining` arguments in ``a`` that cannot act given the others, each by name with
+    why it has no effect and what would make it act. Values equal to the defaults are never refused."""
+    norm, steps, reset = a["norm"], a["steps"], a["reset"]
+    if norm != "mix":
+        why = f"it is the weight of the source statistics of norm='mix', and norm={norm!r}"
+        check_unused("norm_alpha", a["norm_alpha"], 0.5, why, "Set norm='mix' or drop it")
+    if norm != "ema":
+        why = f"it is the weight of each batch in the running statistics of norm='ema', and norm={norm!r}"
+        check_unused("norm_momentum", a["norm_momentum"], 0.1, why, "Set norm='ema' or drop it")
+    if a["clip_grad"] is None:
+        why = "it says how `clip_grad` clips the gradients, and clip_grad=None"
+        check_unused("clip_mode", a["clip_mode"], "norm", why, "Set `clip_grad` or drop it")
+    if steps < 3:
+        why = (
+            "it ends a batch's steps when the loss changed by less than tol between two steps, which can first "
+            f"spare a step after the second one, and steps={steps}"
+        )
+        check_unused("tol", a["tol"], None, why, "Use steps >= 3 or drop it")
+    per_update = reset == 1 or (reset == "batch" and steps == 1)
+    if per_update:
+        why = (
+            f"with reset={reset!r} and steps={steps} every optimizer takes a single update before a reset replaces "
+            "it (and its scheduler) with a fresh one, so no update ever sees a scheduled learning rate"
+        )
+        remedy = "Use steps > 1, or a reset that spans several updates (reset='never'; episodic=False in a preset)"
+        check_unused("scheduler", a["scheduler"], None, why, remedy)
+    if reset == "batch" or reset == 1:
+        when = "before every batch" if reset == "batch" else "after every update"
+        why = f"reset={reset!r} (episodic) already resets {when}, which a collapse reset cannot add to"
+        remedy = "Use reset='never' (episodic=False in a preset) or an N > 1 to let the loss average build up"
+        check_unused("reset_on_collapse", a["reset_on_collapse"], None, why, remedy)
+    if reset == "batch":
+        why = "reset='batch' (episodic) already resets before every batch, non-finite ones included"
+        remedy = "Use another reset (episodic=False in a preset) or drop it"
+        check_unused("reset_on_nonfinite", a["reset_on_nonfinite"], False, why, remedy)
+    if a["save_every_n_batches"] is None:
+        why = "it is where `save_every_n_batches` writes the adaptation state, and save_every_n_batches=None"
+        check_unused("save_path", a["save_path"], None, why, "Set `save_every_n_batches` or drop it")
+    if a["trains"]:
+        return
+    if isinstance(reset, int):
+        why = "reset=N counts optimizer updates, and without an `optimizer` there are none"
+        check_unused("reset", reset, "never", why, "Use reset='batch' or 'dataloader', or pass an `optimizer`")
+    if norm != "ema":
+        why = (
+            f"without an `optimizer` and with norm={norm!r} the model never changes (the statistics are computed per "
+            "batch and never stored), so there is nothing to keep, reset, save or resume"
+        )
+        remedy = "Use norm='ema' (running statistics that carry over from batch to batch) or pass an `optimizer`"
+        check_unused("keep_adapted", a["keep_adapted"], False, why, remedy)
+        check_unused("reset", reset, "never", why, remedy)
+        check_unused("save_every_n_batches", a["save_every_n_batches"], None, why, remedy)
+        check_unused("resume_from", a["resume_from"], None, why, remedy)
 
 
 def _rows(value: Any, batch: int) -> bool:

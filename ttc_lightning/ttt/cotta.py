@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ttc_lightning.checks import check_int, check_range
+from ttc_lightning.checks import check_int, check_range, check_unused
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
-from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec
 
@@ -76,6 +76,11 @@ class CoTTA(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("norm",)
+    unused_options: ClassVar[dict[str, str]] = {
+        "objective": "its loss is the cross entropy to the teacher's (augmentation-averaged) target, which a custom "
+        "objective cannot replace (use ttc.TestTimeTraining(objective=...) for another loss)",
+        **BATCH_STATISTICS,
+    }
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
@@ -101,6 +106,13 @@ class CoTTA(TestTimeTraining):
                 f"`augment`={augment!r} must be a ttc.RandomAugment (CoTTA seeds its restore masks from it and saves "
                 "its generator) or None."
             )
+        if self.anchor_threshold == 0:
+            why = "the teacher averages augmented views only when the source's confidence is below anchor_threshold"
+            why += ", and anchor_threshold=0"
+            check_unused("views", views, 32, why, "Use anchor_threshold > 0 or drop views")
+            if self.restore_prob == 0:
+                why += " (and restore_prob=0, so its seed draws no restore masks either)"
+                check_unused("augment", augment, None, why, "Use anchor_threshold > 0 or drop augment")
         self.augment = augment or RandomAugment()
 
     def prepare(self, context: Context) -> None:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ttc_lightning.checks import check_bool, check_positive
+from ttc_lightning.checks import check_bool, check_positive, check_unused
 from ttc_lightning.pipeline import Context, Forward
-from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
 from ttc_lightning.ttt.params import ParamSpec
 
@@ -79,7 +79,8 @@ class EATA(TestTimeTraining):
         fisher_data: an iterable of clean input batches (tensors, or tuples/lists whose first element is the input)
             to estimate the Fisher information at the start of each stage, or ``None`` for no regulariser (ETA).
             Default ``None``.
-        fisher_alpha: weight of the Fisher regulariser. Default ``2000.0``.
+        fisher_alpha: weight of the Fisher regulariser (needs ``fisher_data``; ``0`` with ``fisher_data`` is refused,
+            as the estimate would go unused). Default ``2000.0``.
         steps: updates per batch. Default ``1``.
         episodic: reset before every batch. Default ``False``.
         params: which parameters adapt. Default ``"batchnorm"``.
@@ -88,6 +89,7 @@ class EATA(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset")
+    unused_options: ClassVar[dict[str, str]] = BATCH_STATISTICS
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
@@ -119,6 +121,14 @@ class EATA(TestTimeTraining):
             raise TypeError(
                 f"`fisher_data` must be an iterable of input batches (a DataLoader, or a list such as [x]) or None; "
                 f"got {type(fisher_data).__name__} (a tensor would be iterated row by row)."
+            )
+        if fisher_data is None:
+            why = "it weighs the Fisher regulariser, which needs `fisher_data` (clean inputs), and fisher_data=None"
+            check_unused("fisher_alpha", fisher_alpha, 2000.0, why, "Pass `fisher_data` or drop it")
+        elif fisher_alpha == 0:
+            raise ValueError(
+                "`fisher_data` has no effect: it estimates the Fisher regulariser, whose weight is fisher_alpha=0. "
+                "Use fisher_alpha > 0, or drop fisher_data (no regulariser, ETA)."
             )
         self.fisher_data, self.fisher_alpha = fisher_data, fisher_alpha
         self.fisher: list[Tensor] | None = None

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ttc_lightning.checks import check_bool, check_int, check_range
+from ttc_lightning.checks import check_bool, check_int, check_range, check_unused
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
 from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
@@ -40,7 +40,7 @@ class MEMO(TestTimeTraining):
         views: augmented views per input. Default ``16``.
         augment: the random augmentation. Default ``RandomAugment()`` (seed 0 + rank).
         transforms: deterministic test-time augmentation views instead of random ones (an alias such as ``"d4"``, or
-            anything ``TestTimeAugmentation(transforms=...)`` takes); ``views`` and ``augment`` are then unused.
+            anything ``TestTimeAugmentation(transforms=...)`` takes); ``views`` and ``augment`` are then refused.
             Default ``None``.
         alpha: source weight of the BatchNorm statistics. Default ``16 / 17``.
         steps: updates per batch. Default ``1``.
@@ -51,6 +51,12 @@ class MEMO(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("norm", "norm_alpha", "reset")
+    unused_options: ClassVar[dict[str, str]] = {
+        "objective": "it minimises the marginal entropy over its views, its own loss, which a custom objective "
+        "cannot replace (use ttc.TestTimeTraining(objective=...) for another loss)",
+        "norm_momentum": "it weighs each batch in the running statistics of norm='ema', and MEMO mixes source and "
+        "batch statistics (norm='mix', weight `alpha`)",
+    }
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
@@ -67,6 +73,10 @@ class MEMO(TestTimeTraining):
     ) -> None:
         self.check_options(options)
         check_range("alpha", alpha, 0, 1)
+        if transforms is not None:
+            why = "with `transforms` the views are the deterministic test-time augmentation views"
+            check_unused("views", views, 16, why, "Drop `transforms` for random views, or drop views")
+            check_unused("augment", augment, None, why, "Drop `transforms` for random views, or drop augment")
         super().__init__(
             optimizer=optimizer,
             params=params,

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ttc_lightning.checks import check_bool, check_positive
-from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
+from ttc_lightning.checks import check_bool, check_positive, check_unused
+from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
 from ttc_lightning.ttt.params import ParamSpec
 
@@ -48,7 +48,8 @@ class SAR(TestTimeTraining):
             (the paper's setting at batch size 64).
         rho: SAM neighbourhood radius. Default ``0.05``.
         e_margin: entropy threshold as a fraction of ``ln C``. Default ``0.4``.
-        reset_below: collapse threshold on the loss average. Default ``0.2``.
+        reset_below: collapse threshold on the loss average (not with ``episodic``, which resets every batch).
+            Default ``0.2``.
         steps: updates per batch. Default ``1``.
         episodic: reset before every batch. Default ``False``.
         params: which parameters adapt. Default ``"norm"`` (BatchNorm, GroupNorm, LayerNorm affine parameters; the
@@ -58,6 +59,7 @@ class SAR(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset", "reset_on_collapse")
+    unused_options: ClassVar[dict[str, str]] = BATCH_STATISTICS
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
@@ -73,6 +75,9 @@ class SAR(TestTimeTraining):
     ) -> None:
         if isinstance(reset_below, bool) or not isinstance(reset_below, int | float) or reset_below < 0:
             raise ValueError(f"`reset_below`={reset_below!r} must be a non-negative number.")
+        if check_bool("episodic", episodic):
+            why = "it is the collapse threshold of a reset, and episodic=True already resets before every batch"
+            check_unused("reset_below", reset_below, 0.2, why, "Use episodic=False or drop it")
         self.reliable = ReliableEntropy(e_margin)
         self.check_options(options)
         super().__init__(
@@ -81,8 +86,8 @@ class SAR(TestTimeTraining):
             params=params,
             norm="batch",
             steps=steps,
-            reset="batch" if check_bool("episodic", episodic) else "never",
-            reset_on_collapse=reset_below,
+            reset="batch" if episodic else "never",
+            reset_on_collapse=None if episodic else reset_below,
             **options,
         )
         self.rho = check_positive("rho", rho)
@@ -92,6 +97,9 @@ class SAR(TestTimeTraining):
         if super().apply_gradients(loss, recompute) is None:
             return None  # no reliable sample (on any rank, with sync)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        if not all(torch.isfinite(g).all() for g in grads):  # (the same on every rank with sync: averaged)
+            self._skip("gradients")  # a non-finite step direction would perturb every parameter to NaN
+            return None
         scale = self.rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) + 1e-12)
         originals = [p.detach().clone() for p in self._params]
         with torch.no_grad():

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 import torch
 
 from ttc_lightning.checks import check_bool
-from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.params import ParamSpec
 
 
@@ -35,6 +35,7 @@ class Tent(TestTimeTraining):
     """
 
     fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset")
+    unused_options: ClassVar[dict[str, str]] = BATCH_STATISTICS
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
