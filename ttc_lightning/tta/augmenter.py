@@ -71,30 +71,35 @@ class Augmenter:
         transforms: an alias (``hflip``, ``vflip``, ``flip``, ``d4``, ``multiscale``, ``five_crop``, ``ten_crop``),
             a registered transform name, a :class:`~ttc_lightning.Transform`, or a list of these (their product).
             Default ``"hflip"``.
-        merge: ``mean``, ``sum``, ``max``, ``min``, ``median``, ``gmean``, ``tsharpen`` or ``vote``. Default
-            ``"mean"``.
+        merge: ``mean``, ``sum``, ``max``, ``min``, ``median``, ``gmean``, ``tsharpen`` or ``vote`` (with a single
+            view only those that differ from ``mean``: ``tsharpen``, ``vote``). Default ``"mean"``.
         task: ``classification`` (outputs unchanged), ``segmentation`` (dense ``(B, C, H, W)`` outputs mapped
             back), ``keypoints`` (``(B, K, 2+)`` ``(x, y)`` pixel coordinates) or ``boxes`` (``(B, N, 4+)`` xyxy).
             Default ``"classification"``.
         space: ``raw``, ``prob`` or ``logprob`` (see :mod:`ttc_lightning.tta.merge`); ``None`` picks ``raw``, or
             ``prob`` for ``gmean``, ``tsharpen`` and ``vote``. Default ``None``.
         activation: ``softmax`` over dim 1 or ``sigmoid`` (multi-label), for ``prob``/``logprob``, ``vote`` and
-            uncertainty. Default ``"softmax"``.
+            the class uncertainty measures (refused with ``space="raw"`` and no class measure, where it has no
+            effect). Default ``"softmax"``.
         flip_classes: pairs of class indices swapped in views that mirror the image (an odd number of h-flips,
-            v-flips and transposes), e.g. left/right arm in segmentation. Default ``None``.
-        flip_pairs: pairs of keypoint indices swapped in mirrored views (task ``keypoints``). Default ``None``.
+            v-flips and transposes), e.g. left/right arm in segmentation; refused when no view mirrors. Default
+            ``None``.
+        flip_pairs: pairs of keypoint indices swapped in mirrored views (task ``keypoints``; refused when no view
+            mirrors). Default ``None``.
         uncertainty: ``True`` for every measure the task supports, or names among ``std``, ``entropy``,
             ``mutual_info``, ``agreement`` (see :mod:`ttc_lightning.tta.uncertainty`). Default ``None``.
         chunk_size: views per forward call: ``None`` stacks every view of a shape into one forward, an int bounds
             it, ``"auto"`` uses 1 on CPU (the fastest or near it in ``benchmarks/tta_chunking.py`` on a 2-core
             CPU) and ``None`` on accelerators (an assumption: no GPU run has been measured). Views of different
-            shapes (non-square rot90, scales) always go in separate forwards. Default ``"auto"``.
+            shapes (non-square rot90, scales) always go in separate forwards. Refused with ``stop`` (one view per
+            forward) and with a single view. Default ``"auto"``.
         stop: a :mod:`~ttc_lightning.stopping` rule for adaptive augmentation: views run one at a time in order
             (identity first) on the samples still running, and a sample stops as soon as the rule holds on the
             running mean probability of its views (whatever the merge); its output merges the views it saw.
-            Needs ``chunk_size`` ``"auto"`` or 1, a merge other than ``median``, and task ``classification``
-            unless the rule is :class:`~ttc_lightning.stopping.Converged`. Default ``None`` (every view).
-        min_views: views every sample gets before ``stop`` is asked. Default ``1``.
+            Needs ``chunk_size="auto"``, a merge other than ``median``, and task ``classification`` unless the rule
+            is :class:`~ttc_lightning.stopping.Converged`. Default ``None`` (every view).
+        min_views: views every sample gets before ``stop`` is asked (needs ``stop``; fewer than the views, unless
+            ``anytime``, or the rule could never act). Default ``1``.
         anytime: with ``stop``, return each sample's merge at its best-scoring view count (by the rule's score)
             instead of its last. Default ``False``.
         return_views: with ``stop``, add each sample's number of views as the extra ``views``. Default ``False``.

@@ -33,17 +33,19 @@ class TestTimeAugmentation(TestTimeCallback):
         task: ``classification``, ``segmentation``, ``keypoints`` or ``boxes``. Default ``"classification"``.
         space: ``raw`` (ttach's numbers), ``prob`` or ``logprob``; ``None`` picks ``raw``, or ``prob`` for
             ``gmean``, ``tsharpen`` and ``vote``. Default ``None``.
-        activation: ``softmax`` or ``sigmoid`` (multi-label). Default ``"softmax"``.
-        flip_classes: class index pairs swapped in mirrored views. Default ``None``.
-        flip_pairs: keypoint index pairs swapped in mirrored views. Default ``None``.
+        activation: ``softmax`` or ``sigmoid`` (multi-label), for ``space`` ``prob``/``logprob`` and the class
+            uncertainty measures (refused where neither is used). Default ``"softmax"``.
+        flip_classes: class index pairs swapped in mirrored views (refused when no view mirrors). Default ``None``.
+        flip_pairs: keypoint index pairs swapped in mirrored views (refused when no view mirrors). Default ``None``.
         uncertainty: ``True`` or names among ``std``, ``entropy``, ``mutual_info``, ``agreement``. Default ``None``.
         chunk_size: views per forward; ``None`` stacks all views of a shape, ``"auto"`` is 1 on CPU (measured on a
-            2-core CPU, ``benchmarks/``) and ``None`` on accelerators (not measured: no GPU run exists). Default
-            ``"auto"``.
+            2-core CPU, ``benchmarks/``) and ``None`` on accelerators (not measured: no GPU run exists); refused
+            with ``stop`` or a single view. Default ``"auto"``.
         stop: a :mod:`~ttc_lightning.stopping` rule: views run in order (identity first) on the samples still
             running, and a sample stops once the rule holds on the running mean probability of its views; halted
             samples leave the forward batch. Default ``None`` (every sample gets every view).
-        min_views: views every sample gets before ``stop`` is asked. Default ``1``.
+        min_views: views every sample gets before ``stop`` is asked (needs ``stop``; fewer than the views unless
+            ``anytime``). Default ``1``.
         anytime: with ``stop``, return each sample's merge at its best-scoring view count. Default ``False``.
         return_views: with ``stop``, add each sample's number of views as the extra ``views``. Default ``False``.
         stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.

@@ -49,8 +49,9 @@ class TestTimeTraining(TestTimeCallback):
     Args:
         optimizer: a factory ``params -> torch.optim.Optimizer`` (``functools.partial(torch.optim.Adam, lr=1e-3)``,
             Hydra ``_partial_: true``), or ``None`` for statistics-only adaptation (``objective``, ``params``,
-            ``steps``, ``scheduler``, ``clip_grad``, ``tol`` and ``reset_on_collapse`` must then keep their defaults;
-            presets that take gradient steps refuse ``None``). Default ``None``.
+            ``steps``, ``scheduler``, ``clip_grad``, ``clip_mode``, ``tol``, ``reset_on_collapse``,
+            ``reset_on_nonfinite``, ``sync`` and ``flags`` must then keep their defaults; presets that take gradient
+            steps refuse ``None``). Default ``None``.
         objective: ``"entropy"`` (mean prediction entropy, TENT) or a callable ``output -> scalar tensor`` (or
             :class:`~ttc_lightning.ttt.objectives.Loss`). Default ``"entropy"``.
         params: which parameters adapt (see :func:`~ttc_lightning.ttt.params.select_parameters`): ``"batchnorm"``
@@ -58,37 +59,43 @@ class TestTimeTraining(TestTimeCallback):
             ``"norm"``, ``"all"``, a module type, ``"re:<pattern>"``, or a list. Default ``"batchnorm"``.
         norm: BatchNorm statistics policy: ``"batch"``, ``"source"``, ``"mix"``, ``"ema"`` (see
             :mod:`~ttc_lightning.ttt.norm`). Default ``"batch"``.
-        norm_alpha: source weight for ``norm="mix"``. Default ``0.5``.
-        norm_momentum: batch weight for ``norm="ema"``. Default ``0.1``.
+        norm_alpha: source weight for ``norm="mix"`` (refused with another ``norm``). Default ``0.5``.
+        norm_momentum: batch weight for ``norm="ema"`` (refused with another ``norm``). Default ``0.1``.
         steps: updates per batch. Default ``1``.
-        scheduler: a factory ``optimizer -> LR scheduler``, stepped after every update. Default ``None``.
+        scheduler: a factory ``optimizer -> LR scheduler``, stepped after every update (refused when every optimizer
+            takes a single update: ``steps=1`` with ``reset="batch"``, or ``reset=1``). Default ``None``.
         clip_grad: gradient clipping threshold, or ``None``. Default ``None``.
-        clip_mode: ``"norm"`` (total L2 norm of the adapted parameters) or ``"value"``. Default ``"norm"``.
-        tol: stop a batch's steps early when the loss changes by less than ``tol`` between steps. Default ``None``.
+        clip_mode: ``"norm"`` (total L2 norm of the adapted parameters) or ``"value"``; needs ``clip_grad``.
+            Default ``"norm"``.
+        tol: stop a batch's steps early when the loss changes by less than ``tol`` between steps; needs
+            ``steps >= 3`` (the earliest it can spare a step is after the second). Default ``None``.
         reset: when to restore the source model and a fresh optimizer: ``"never"`` (continual within the stage),
-            ``"batch"`` (episodic), ``"dataloader"`` (at each new predict dataloader), or an int ``N`` (every ``N``
-            updates). Default ``"never"``.
+            ``"batch"`` (episodic), ``"dataloader"`` (at each new dataloader of the stage; refused at the start of a
+            stage with one dataloader), or an int ``N`` (every ``N`` updates; needs an ``optimizer``). Without an
+            ``optimizer`` only ``norm="ema"`` has state to reset. Default ``"never"``.
         reset_on_collapse: reset when the running average (smoothing 0.9) of the loss falls below this value
-            (collapse of the predictions to one class drives the entropy to zero; SAR uses 0.2). Default ``None``.
+            (collapse of the predictions to one class drives the entropy to zero; SAR uses 0.2); refused with
+            ``reset="batch"`` or ``1``, which reset anyway. Default ``None``.
         reset_on_nonfinite: also reset before the next batch after a non-finite loss or gradient (the update itself is
-            always skipped). Default ``False``.
-        keep_adapted: keep the adapted parameters after the stage instead of restoring the source model.
-            Default ``False``.
+            always skipped); refused with ``reset="batch"``. Default ``False``.
+        keep_adapted: keep the adapted parameters after the stage instead of restoring the source model (without an
+            ``optimizer``, only ``norm="ema"`` changes the model). Default ``False``.
         save_every_n_batches: write the adaptation state (:meth:`state_dict`) to ``save_path`` every N batches, so
             an interrupted online adaptation can resume. Default ``None`` (never).
         save_path: the file (its folder is created); ``{rank}`` in it is replaced by the process rank (required with
-            several processes). Default ``None``.
+            several processes); needs ``save_every_n_batches``. Default ``None``.
         sync: keep the processes of a multi-process run in step: every update averages the gradients of all ranks
             (weighted by their samples in the loss) and every data-dependent decision is all-reduced, so the adapted
             parameters stay identical across ranks; ranks that run out of batches keep answering until all are done
-            (see :mod:`~ttc_lightning.ttt.sync`). Default ``False``: each rank adapts on its own shard.
+            (see :mod:`~ttc_lightning.ttt.sync`). Needs an ``optimizer``; refused at the start of a stage that runs
+            on one process. Default ``False``: each rank adapts on its own shard.
         resume_from: a file written by ``save_every_n_batches``: the stage starts from that state instead of the
             source model. Feed it the stream from sample :attr:`samples_seen` of the saved state on (see the README's
             resume recipe) to get the predictions of an uninterrupted run. Default ``None``.
         flags: add per-sample flags to the step's extras (the mixin's predict_step then returns
             ``{"prediction": ..., "kept": ..., "skipped": ...}``): ``kept``, whether the sample entered the loss of the
             batch's last step (all true without filters); ``skipped``, whether the batch's update was skipped for a
-            non-finite loss or gradient. Default ``False``.
+            non-finite loss or gradient. Needs an ``optimizer``. Default ``False``.
         stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
 
     Precision: adaptation runs inside ``predict_step``, so ``bf16-mixed`` and ``16-mixed`` autocast apply to its
@@ -98,6 +105,10 @@ class TestTimeTraining(TestTimeCallback):
     A batch whose loss or gradients are not finite is not used for an update (the model is untouched) and counted in
     :attr:`skipped`. Figures of the stage so far: :attr:`last_loss`, :attr:`updates`, :attr:`resets`,
     :attr:`skipped`, :attr:`backwards` (backward passes), :attr:`kept_fraction` (filtering objectives).
+
+    An argument that cannot act given the others (or, for ``sync`` and ``reset="dataloader"``, given the run) is
+    refused by name with a ``ValueError`` saying why and what would make it act; a value equal to the default is never
+    refused.
 
     Presets change the step through :meth:`prepare`, :meth:`loss`, :meth:`apply_gradients`, :meth:`after_update`,
     :meth:`predict`, :meth:`reset_state`, :meth:`extra_state` and :meth:`load_extra_state`.
