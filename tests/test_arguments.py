@@ -621,3 +621,14 @@ def test_the_baseline_runs_are_deterministic(cls, tmp_path):
     first = observe(cls, base, Probe(), tmp_path / "a")
     second = observe(cls, base, Probe(), tmp_path / "b")
     assert not differs(first, second)
+
+
+def test_sar_skips_and_counts_a_batch_with_non_finite_gradients():
+    """SAR used to perturb every parameter by a NaN step direction and then find no reliable sample, so the batch
+    went uncounted and `reset_on_nonfinite` could never act; now the batch is skipped and counted."""
+    sar = ttc.SAR(optimizer=SGD, e_margin=2.0)
+    model = Net("nangrad")
+    with pytest.warns(UserWarning, match="non-finite gradients"):
+        outputs = trainer([sar]).predict(model, loaders(NAN_GRADIENTS))
+    assert (sar.skipped, sar.updates) == (1, 2)
+    assert all(torch.isfinite(o).all() for o in outputs)
