@@ -520,3 +520,7 @@ def collapse_table(windows: dict[str, list[Window]], names: list[str]) -> str:
         if any(w.resets for w in windows[name]):
             rows.append([f"{name} resets", *(w.resets for w in windows[name])])
     return table(columns, rows)
+
+
+if __name__ == "__main__":
+    main()
