@@ -64,14 +64,16 @@ class ProbeNet:
 class Net(ttc.TestTimeComputeMixin, L.LightningModule):
     """conv 3->4, BatchNorm (non-trivial statistics), ReLU, Dropout, then a head: ``classifier`` (B, 3) logits,
     ``dense`` (B, 3, H, W) logits, ``points`` (B, 3, 2) coordinates; ``nodropout`` is the classifier without dropout,
-    ``nangrad`` the classifier with non-finite gradients on an image whose first pixel is 0.
+    ``nangrad`` the classifier with non-finite gradients on an image whose first pixel is 0, ``groupnorm`` the
+    classifier with GroupNorm instead of BatchNorm.
     Counts forward calls; ``ttc_init``/``ttc_refine`` refine ``state <- head(x) + state / 2``."""
 
     def __init__(self, kind: str = "classifier", seed: int = 0) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            body: list[nn.Module] = [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()]
+            norm = nn.GroupNorm(2, 4) if kind == "groupnorm" else nn.BatchNorm2d(4)
+            body: list[nn.Module] = [nn.Conv2d(3, 4, 3, padding=1), norm, nn.ReLU()]
             if kind != "nodropout":
                 body.append(nn.Dropout(0.3))
             if kind == "dense":
@@ -80,9 +82,10 @@ class Net(ttc.TestTimeComputeMixin, L.LightningModule):
                 head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6 if kind == "points" else CLASSES)]
             self.net = nn.Sequential(*body, *head)
             with torch.no_grad():
-                self.net[1].running_mean.uniform_(-0.5, 0.5)
-                self.net[1].running_var.uniform_(0.5, 2)
-                self.net[1].weight.uniform_(0.5, 1.5)
+                if isinstance(norm, nn.BatchNorm2d):
+                    norm.running_mean.uniform_(-0.5, 0.5)
+                    norm.running_var.uniform_(0.5, 2)
+                norm.weight.uniform_(0.5, 1.5)
                 self.net[-1].weight.mul_(3)
         self.kind, self.calls = kind, 0
 
@@ -149,7 +152,7 @@ def neg_logsumexp(y: torch.Tensor) -> torch.Tensor:
 SEG, POINTS, NAN, TWO_LOADERS = Probe("dense"), Probe("points"), Probe(mark="nan"), Probe(loaders=2)
 #: Non-finite gradients (with a finite loss) on the second batch, which filtering presets keep in their loss.
 NAN_GRADIENTS = Probe("nangrad", mark="zero")
-NO_DROPOUT = Probe("nodropout")
+NO_DROPOUT, GROUP_NORM = Probe("nodropout"), Probe("groupnorm")
 PATH, PATH2 = f"{DIR}/state.pt", f"{DIR}/other.pt"
 
 #: Test-time training arguments with an optimizer (the gradient presets' shared options).
@@ -230,8 +233,13 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
             "optimizer": [acts(SGD)],
             "objective": [refused(neg_logsumexp), acts(neg_logsumexp, optimizer=SGD)],
             "params": [refused("all"), acts("all", optimizer=SGD)],
-            "norm": [acts("source")],
-            "norm_alpha": [refused(0.9), acts(0.9, norm="mix")],
+            "norm": [
+                acts("mix"),
+                refused("source"),
+                acts("source", optimizer=SGD),
+                refused("ema", GROUP_NORM, optimizer=SGD),
+            ],
+            "norm_alpha": [refused(0.9), acts(0.9, norm="mix"), refused(0.9, GROUP_NORM, optimizer=SGD, norm="mix")],
             "norm_momentum": [refused(0.5), acts(0.5, norm="ema")],
             "steps": [refused(3), acts(3, optimizer=SGD)],
             "scheduler": [refused(STEP_LR), acts(STEP_LR, optimizer=SGD), refused(STEP_LR, optimizer=SGD, reset=1)],
@@ -314,7 +322,7 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
     (ttc.MEMO, "views"): [acts(2), refused(2, transforms="hflip")],
     (ttc.MEMO, "augment"): [acts(ttc.RandomAugment(seed=1)), refused(ttc.RandomAugment(seed=1), transforms="hflip")],
     (ttc.MEMO, "transforms"): [acts("hflip")],
-    (ttc.MEMO, "alpha"): [acts(0.1)],
+    (ttc.MEMO, "alpha"): [acts(0.1), refused(0.1, GROUP_NORM)],
     (ttc.MEMO, "steps"): [acts(2)],
     (ttc.MEMO, "episodic"): [acts(False)],
     (ttc.MEMO, "params"): [acts("batchnorm")],

@@ -179,12 +179,12 @@ def test_flip_classes_makes_a_chiral_segmenter_consistent(transforms, size, chun
     torch.testing.assert_close(unswapped[:, 2], own[:, 2], rtol=0, atol=1e-5)  # the achiral class is unaffected
 
 
-def test_flip_classes_leaves_rotations_alone():
-    x = rand((2, 1, 6, 6), 2)
+def test_flip_classes_without_a_mirrored_view_is_refused():
+    """Rotations never mirror, so flip_classes could not act on them: refused by name, not ignored."""
     rotations = ttc.Rotate90()
-    merged = run(chiral_segmenter, x, transforms=rotations, task="segmentation", flip_classes=[(0, 1)])
-    torch.testing.assert_close(merged, chiral_segmenter(x), rtol=0, atol=1e-5)
     assert not any(view.reflects for view in ttc.Augmenter(rotations).views)
+    with pytest.raises(ValueError, match=r"`flip_classes`=\[\(0, 1\)\] has no effect: .*has none. Add a mirroring"):
+        ttc.Augmenter(rotations, task="segmentation", flip_classes=[(0, 1)])
 
 
 @pytest.mark.parametrize("width", [6, 7])
@@ -388,6 +388,5 @@ def test_out_of_range_pairs_raise_at_runtime_naming_them():
         run(chiral_segmenter, x, transforms="hflip", task="segmentation", flip_classes=[(0, 3)])
     with pytest.raises(ValueError, match=r"`flip_pairs`=\(\(1, 4\),\)"):
         run(keypoint_model, x, transforms="hflip", task="keypoints", flip_pairs=[(1, 4)])
-    # only mirrored views swap: rotations never reach the check
-    merged = run(chiral_segmenter, x, transforms="rot90", task="segmentation", flip_classes=[(0, 3)])
-    torch.testing.assert_close(merged, chiral_segmenter(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"`flip_classes`=\[\(0, 3\)\] has no effect"):  # rotations never mirror
+        run(chiral_segmenter, x, transforms="rot90", task="segmentation", flip_classes=[(0, 3)])

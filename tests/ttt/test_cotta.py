@@ -82,7 +82,8 @@ def test_parity_with_the_authors_loop(threshold):
     x = images(24, seed=4)
     model = ConvNet(scale=5, conv_bias=False)
     options = dict(ema=0.9, restore_prob=0.1)
-    cotta = ttc.CoTTA(optimizer=ADAM, anchor_threshold=threshold, views=3, augment=ttc.RandomAugment(seed=5), **options)
+    views = {} if threshold == 0 else {"views": 3}  # the teacher never augments at threshold 0: views is refused
+    cotta = ttc.CoTTA(optimizer=ADAM, anchor_threshold=threshold, augment=ttc.RandomAugment(seed=5), **views, **options)
     preds, rec = run(model, cotta, x)
     targets, students, teachers, restored, confidences = cotta_reference(
         model.net, list(x.split(8)), ADAM, threshold, 3, 5, **options
@@ -126,7 +127,7 @@ def test_threshold_between_batches_augments_only_the_unsure_ones():
 def test_no_restore_with_restore_prob_zero():
     x = images(24, seed=4)
     model = ConvNet(scale=5, conv_bias=False)
-    cotta = ttc.CoTTA(optimizer=ADAM, restore_prob=0.0, anchor_threshold=0.0, views=2)
+    cotta = ttc.CoTTA(optimizer=ADAM, restore_prob=0.0, anchor_threshold=0.0)
     _, rec = run(model, cotta, x)
     _, students, _, restored, _ = cotta_reference(model.net, list(x.split(8)), ADAM, 0.0, 2, 0, restore_prob=0)
     assert restored == [0, 0, 0]
@@ -140,7 +141,7 @@ def test_no_restore_with_restore_prob_zero():
 def test_full_restore_with_restore_prob_one():
     x = images(16, seed=4)
     model = ConvNet(scale=5, conv_bias=False)
-    cotta = ttc.CoTTA(optimizer=ADAM, restore_prob=1.0, ema=0.5, anchor_threshold=0.0, views=2, keep_adapted=True)
+    cotta = ttc.CoTTA(optimizer=ADAM, restore_prob=1.0, ema=0.5, anchor_threshold=0.0, keep_adapted=True)
     _, rec = run(model, cotta, x)
     source = [p.detach().clone() for p in ConvNet(scale=5, conv_bias=False).net.parameters()]
     for params in rec.params:
@@ -156,7 +157,7 @@ def test_teacher_frozen_with_ema_one():
     batch statistics, however much the student moves."""
     x = images(24, seed=4)
     model = ConvNet(scale=5, conv_bias=False)
-    cotta = ttc.CoTTA(optimizer=functools.partial(torch.optim.Adam, lr=0.1), ema=1.0, anchor_threshold=0.0, views=2)
+    cotta = ttc.CoTTA(optimizer=functools.partial(torch.optim.Adam, lr=0.1), ema=1.0, anchor_threshold=0.0)
     preds, rec = run(model, cotta, x)
     source = [p.detach().clone() for p in model.net.parameters()]
     for t, s in zip(cotta.teacher, source, strict=True):
@@ -172,7 +173,7 @@ def test_teacher_follows_the_student_with_ema_zero():
     """ema = 0: the teacher is the student right after its step (before the restore)."""
     x = images(16, seed=4)
     model = ConvNet(scale=5, conv_bias=False)
-    cotta = ttc.CoTTA(optimizer=ADAM, ema=0.0, restore_prob=0.0, anchor_threshold=0.0, views=2)
+    cotta = ttc.CoTTA(optimizer=ADAM, ema=0.0, restore_prob=0.0, anchor_threshold=0.0)
     _, rec = run(model, cotta, x)
     close(cotta.teacher, rec.params[-1], rtol=0, atol=0)
 

@@ -306,10 +306,13 @@ def test_fisher_penalty_enters_the_update():
     assert gap > 0.01  # the penalty matters at this alpha
 
 
-def test_fisher_alpha_zero_is_plain_eata():
+def test_fisher_alpha_zero_refuses_fisher_data_and_is_plain_eata():
+    """With fisher_alpha=0 the Fisher estimate would go unused: fisher_data is refused, and the rest is plain EATA."""
     model, fisher_x, net, params = conv_setup(1)
     x = images(16, seed=5)
-    eata = ttc.EATA(optimizer=SGD, e_margin=0.9, d_margin=0.98, fisher_data=[fisher_x], fisher_alpha=0.0)
+    with pytest.raises(ValueError, match=r"`fisher_data` has no effect: .* fisher_alpha=0"):
+        ttc.EATA(optimizer=SGD, fisher_data=[fisher_x], fisher_alpha=0.0)
+    eata = ttc.EATA(optimizer=SGD, e_margin=0.9, d_margin=0.98)
     preds, _ = run(model, eata, x, batch_size=8)
     outputs, *_ = eata_reference(net, params, list(x.split(8)), SGD, e_margin=0.9, d_margin=0.98)
     torch.testing.assert_close(torch.cat(preds), torch.cat(outputs), rtol=1e-5, atol=1e-5)

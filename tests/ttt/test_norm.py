@@ -283,7 +283,8 @@ def test_batchnorm1d_batch_of_one_uses_source_statistics(norm, make_trainer):
     model = Vector()
     x = torch.randn(9, 5, generator=torch.Generator().manual_seed(4)) + 0.5
     before = state(model)
-    out, _ = predict(model, [ttc.BatchNormAdapt(norm=norm, alpha=0.4, momentum=0.2)], loader(x, 4), make_trainer)
+    weights = {"mix": {"alpha": 0.4}, "ema": {"momentum": 0.2}}.get(norm, {})  # each acts with its own policy only
+    out, _ = predict(model, [ttc.BatchNormAdapt(norm=norm, **weights)], loader(x, 4), make_trainer)
     assert out.shape == (9, 3)
     if norm == "ema":
         outputs, history = ema_reference(model.net, [x[:4], x[4:8]], 0.2)
@@ -324,10 +325,15 @@ def test_conv_batch_of_one_uses_its_spatial_statistics(make_trainer):
 
 
 def test_source_policy_is_the_plain_eval_model(make_trainer):
+    """With a zero learning rate nothing moves, so norm="source" must give the plain eval model's outputs. Without an
+    optimizer the policy would change nothing at all, which is refused."""
     model, x = Net(), images(16)
-    out, _ = predict(model, [ttc.BatchNormAdapt(norm="source")], loader(x), make_trainer)
+    frozen = ttc.TestTimeTraining(optimizer=lambda params: torch.optim.SGD(params, lr=0.0), norm="source")
+    out, _ = predict(model, [frozen], loader(x), make_trainer)
     plain, _ = predict(model, [], loader(x), make_trainer)
     assert torch.equal(out, plain)
+    with pytest.raises(ValueError, match=r"`norm`='source' has no effect: without an `optimizer`"):
+        ttc.BatchNormAdapt(norm="source")
 
 
 @pytest.mark.parametrize(

@@ -57,8 +57,10 @@ class TestTimeTraining(TestTimeCallback):
         params: which parameters adapt (see :func:`~ttc_lightning.ttt.params.select_parameters`): ``"batchnorm"``
             (affine parameters of the BatchNorm family), ``"groupnorm"``, ``"layernorm"``, ``"instancenorm"``,
             ``"norm"``, ``"all"``, a module type, ``"re:<pattern>"``, or a list. Default ``"batchnorm"``.
-        norm: BatchNorm statistics policy: ``"batch"``, ``"source"``, ``"mix"``, ``"ema"`` (see
-            :mod:`~ttc_lightning.ttt.norm`). Default ``"batch"``.
+        norm: BatchNorm statistics policy: ``"batch"``, ``"source"`` (needs an ``optimizer``: alone it changes
+            nothing), ``"mix"``, ``"ema"`` (see :mod:`~ttc_lightning.ttt.norm`). With an ``optimizer``, a policy or
+            weight other than the default is refused at the start of a stage on a model without BatchNorm running
+            statistics. Default ``"batch"``.
         norm_alpha: source weight for ``norm="mix"`` (refused with another ``norm``). Default ``0.5``.
         norm_momentum: batch weight for ``norm="ema"`` (refused with another ``norm``). Default ``0.1``.
         steps: updates per batch. Default ``1``.
@@ -239,25 +241,34 @@ class TestTimeTraining(TestTimeCallback):
         check_range("norm_alpha", norm_alpha, 0, 1)
         check_range("norm_momentum", norm_momentum, 0, 1, low_open=True)
         self.norm = NormStatistics(norm, norm_alpha, norm_momentum)
-        _check_combinations(
-            dict(
-                trains=optimizer is not None,
-                norm=norm,
-                norm_alpha=norm_alpha,
-                norm_momentum=norm_momentum,
-                steps=steps,
-                scheduler=scheduler,
-                clip_grad=clip_grad,
-                clip_mode=clip_mode,
-                tol=tol,
-                reset=reset,
-                reset_on_collapse=reset_on_collapse,
-                reset_on_nonfinite=reset_on_nonfinite,
-                keep_adapted=keep_adapted,
-                save_every_n_batches=save_every_n_batches,
-                save_path=save_path,
-                resume_from=resume_from,
+        #: The statistics arguments given other than their defaults, as the user spelt them (presets that fix the
+        #: policy name theirs), refused at the start of a stage on a model without BatchNorm running statistics.
+        self.norm_arguments = {
+            name: value
+            for name, value, default in (
+                ("norm", norm, "batch"),
+                ("norm_alpha", norm_alpha, 0.5),
+                ("norm_momentum", norm_momentum, 0.1),
             )
+            if not is_default(value, default)
+        }
+        _check_combinations(
+            trains=optimizer is not None,
+            norm=norm,
+            norm_alpha=norm_alpha,
+            norm_momentum=norm_momentum,
+            steps=steps,
+            scheduler=scheduler,
+            clip_grad=clip_grad,
+            clip_mode=clip_mode,
+            tol=tol,
+            reset=reset,
+            reset_on_collapse=reset_on_collapse,
+            reset_on_nonfinite=reset_on_nonfinite,
+            keep_adapted=keep_adapted,
+            save_every_n_batches=save_every_n_batches,
+            save_path=save_path,
+            resume_from=resume_from,
         )
         self.clip_grad, self.clip_mode, self.tol = clip_grad, clip_mode, tol
         self.reset_policy, self.reset_on_collapse = reset, reset_on_collapse
@@ -350,6 +361,15 @@ class TestTimeTraining(TestTimeCallback):
             raise ValueError(
                 "`sync`=True has no effect: it keeps the processes of a multi-process run in step, and this run has "
                 "one process. Run on several devices (e.g. strategy='ddp') or drop it."
+            )
+        running = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in module.modules()
+        )
+        if self.norm_arguments and not running and self.optimizer_factory is not None:
+            given = ", ".join(f"`{name}`={value!r}" for name, value in self.norm_arguments.items())
+            raise ValueError(
+                f"{given} has no effect: the statistics policy acts on BatchNorm layers with running statistics, and "
+                f"{type(module).__name__} has none. Drop it, or use a model with BatchNorm."
             )
         trainer = getattr(module, "_trainer", None)
         if self.reset_policy == "dataloader" and trainer is not None:
@@ -611,25 +631,43 @@ class TestTimeTraining(TestTimeCallback):
         self._save(trainer)
 
 
-def _check_combinations(a: dict[str, Any]) -> None:
-    """Refuse the :class:`TestTimeTraining` arguments in ``a`` that cannot act given the others, each by name with
-    why it has no effect and what would make it act. Values equal to the defaults are never refused."""
-    norm, steps, reset = a["norm"], a["steps"], a["reset"]
+def _check_combinations(
+    *,
+    trains: bool,
+    norm: str,
+    norm_alpha: float,
+    norm_momentum: float,
+    steps: int,
+    scheduler: SchedulerFactory | None,
+    clip_grad: float | None,
+    clip_mode: str,
+    tol: float | None,
+    reset: str | int,
+    reset_on_collapse: float | None,
+    reset_on_nonfinite: bool,
+    keep_adapted: bool,
+    save_every_n_batches: int | None,
+    save_path: str | None,
+    resume_from: str | None,
+) -> None:
+    """Refuse the :class:`TestTimeTraining` arguments that cannot act given the others (``trains``: an optimizer
+    was given), each by name with why it has no effect and what would make it act. Values equal to the defaults are
+    never refused."""
     if norm != "mix":
         why = f"it is the weight of the source statistics of norm='mix', and norm={norm!r}"
-        check_unused("norm_alpha", a["norm_alpha"], 0.5, why, "Set norm='mix' or drop it")
+        check_unused("norm_alpha", norm_alpha, 0.5, why, "Set norm='mix' or drop it")
     if norm != "ema":
         why = f"it is the weight of each batch in the running statistics of norm='ema', and norm={norm!r}"
-        check_unused("norm_momentum", a["norm_momentum"], 0.1, why, "Set norm='ema' or drop it")
-    if a["clip_grad"] is None:
+        check_unused("norm_momentum", norm_momentum, 0.1, why, "Set norm='ema' or drop it")
+    if clip_grad is None:
         why = "it says how `clip_grad` clips the gradients, and clip_grad=None"
-        check_unused("clip_mode", a["clip_mode"], "norm", why, "Set `clip_grad` or drop it")
+        check_unused("clip_mode", clip_mode, "norm", why, "Set `clip_grad` or drop it")
     if steps < 3:
         why = (
             "it ends a batch's steps when the loss changed by less than tol between two steps, which can first "
             f"spare a step after the second one, and steps={steps}"
         )
-        check_unused("tol", a["tol"], None, why, "Use steps >= 3 or drop it")
+        check_unused("tol", tol, None, why, "Use steps >= 3 or drop it")
     per_update = reset == 1 or (reset == "batch" and steps == 1)
     if per_update:
         why = (
@@ -637,21 +675,25 @@ def _check_combinations(a: dict[str, Any]) -> None:
             "it (and its scheduler) with a fresh one, so no update ever sees a scheduled learning rate"
         )
         remedy = "Use steps > 1, or a reset that spans several updates (reset='never'; episodic=False in a preset)"
-        check_unused("scheduler", a["scheduler"], None, why, remedy)
+        check_unused("scheduler", scheduler, None, why, remedy)
     if reset == "batch" or reset == 1:
         when = "before every batch" if reset == "batch" else "after every update"
-        why = f"reset={reset!r} (episodic) already resets {when}, which a collapse reset cannot add to"
+        kind = " (episodic)" if reset == "batch" else ""
+        why = f"reset={reset!r}{kind} already resets {when}, which a collapse reset cannot add to"
         remedy = "Use reset='never' (episodic=False in a preset) or an N > 1 to let the loss average build up"
-        check_unused("reset_on_collapse", a["reset_on_collapse"], None, why, remedy)
+        check_unused("reset_on_collapse", reset_on_collapse, None, why, remedy)
     if reset == "batch":
         why = "reset='batch' (episodic) already resets before every batch, non-finite ones included"
         remedy = "Use another reset (episodic=False in a preset) or drop it"
-        check_unused("reset_on_nonfinite", a["reset_on_nonfinite"], False, why, remedy)
-    if a["save_every_n_batches"] is None:
+        check_unused("reset_on_nonfinite", reset_on_nonfinite, False, why, remedy)
+    if save_every_n_batches is None:
         why = "it is where `save_every_n_batches` writes the adaptation state, and save_every_n_batches=None"
-        check_unused("save_path", a["save_path"], None, why, "Set `save_every_n_batches` or drop it")
-    if a["trains"]:
+        check_unused("save_path", save_path, None, why, "Set `save_every_n_batches` or drop it")
+    if trains:
         return
+    if norm == "source":
+        why = "without an `optimizer` nothing is trained, and the source statistics are what the model uses anyway"
+        check_unused("norm", norm, "batch", why, "Use norm 'batch', 'mix' or 'ema', or pass an `optimizer`")
     if isinstance(reset, int):
         why = "reset=N counts optimizer updates, and without an `optimizer` there are none"
         check_unused("reset", reset, "never", why, "Use reset='batch' or 'dataloader', or pass an `optimizer`")
@@ -661,10 +703,10 @@ def _check_combinations(a: dict[str, Any]) -> None:
             "batch and never stored), so there is nothing to keep, reset, save or resume"
         )
         remedy = "Use norm='ema' (running statistics that carry over from batch to batch) or pass an `optimizer`"
-        check_unused("keep_adapted", a["keep_adapted"], False, why, remedy)
+        check_unused("keep_adapted", keep_adapted, False, why, remedy)
         check_unused("reset", reset, "never", why, remedy)
-        check_unused("save_every_n_batches", a["save_every_n_batches"], None, why, remedy)
-        check_unused("resume_from", a["resume_from"], None, why, remedy)
+        check_unused("save_every_n_batches", save_every_n_batches, None, why, remedy)
+        check_unused("resume_from", resume_from, None, why, remedy)
 
 
 def _rows(value: Any, batch: int) -> bool:

@@ -14,7 +14,8 @@ class BatchNormAdapt(TestTimeTraining):
     Args:
         norm: ``"batch"`` (the current batch's statistics), ``"mix"`` (``alpha * source + (1 - alpha) * batch``;
             Schneider et al.'s prior strength ``N`` gives ``alpha = N / (N + batch_size)``) or ``"ema"``
-            (running statistics updated with ``momentum`` and carried over). Default ``"batch"``.
+            (running statistics updated with ``momentum`` and carried over); ``"source"`` would change nothing and
+            is refused. Default ``"batch"``.
         alpha: source weight for ``mix`` (refused with another ``norm``). Default ``0.5``.
         momentum: batch weight for ``ema`` (refused with another ``norm``). Default ``0.1``.
         **options: the :class:`~ttc_lightning.TestTimeTraining` arguments that act without gradient steps:

@@ -42,7 +42,8 @@ class MEMO(TestTimeTraining):
         transforms: deterministic test-time augmentation views instead of random ones (an alias such as ``"d4"``, or
             anything ``TestTimeAugmentation(transforms=...)`` takes); ``views`` and ``augment`` are then refused.
             Default ``None``.
-        alpha: source weight of the BatchNorm statistics. Default ``16 / 17``.
+        alpha: source weight of the BatchNorm statistics (refused at the start of a stage on a model without
+            BatchNorm running statistics). Default ``16 / 17``.
         steps: updates per batch. Default ``1``.
         episodic: reset before every batch. Default ``True``.
         params: which parameters adapt. Default ``"all"``.
@@ -86,6 +87,7 @@ class MEMO(TestTimeTraining):
             reset="batch" if check_bool("episodic", episodic) else "never",
             **options,
         )
+        self.norm_arguments = {} if alpha == 16 / 17 else {"alpha": alpha}  # MEMO sets norm="mix" itself
         self.views = check_int("views", views, 1)
         if augment is not None and not isinstance(augment, RandomAugment):
             raise TypeError(
