@@ -1,7 +1,7 @@
 """Views per forward (``chunk_size``) for d4 test-time augmentation: the measurement behind ``chunk_size="auto"``.
 
 Run: ``.venv/bin/python benchmarks/tta_chunking.py [--reps 7] [--images 256] [--size 32] [--no-downsample]
-[--device cpu]``; writes ``benchmarks/results/tta_chunking.json`` (``--artefact NAME`` for another name).
+[--device cpu] [--threads N]``; writes ``benchmarks/results/tta_chunking.json`` (``--artefact NAME`` for another name).
 
 Times the :class:`~ttc_lightning.Augmenter` core (the code ``TestTimeAugmentation`` runs inside ``predict_step``) on
 the small convnet under ``torch.inference_mode``, with ``chunk_size`` 1, 2, 4 and ``None`` (all 8 d4 views in one
@@ -64,10 +64,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="image side")
     parser.add_argument("--no-downsample", action="store_true", help="convnet without max-pools (heavier)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: one per usable core)")
     add_artefact_option(parser, "tta_chunking")
     args = parser.parse_args()
     device, start_load = args.device, load()
     setup_threads()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be an integer >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = convnet(downsample=not args.no_downsample).to(device).eval()
     shape = (3, args.size, args.size)
