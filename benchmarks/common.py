@@ -259,3 +259,12 @@ def speed_workload(args: argparse.Namespace) -> tuple[nn.Module, list[Tensor], D
     net = convnet(downsample=True).to(args.device).eval()
     batches = [torch.randn(args.batch_size, 3, args.size, args.size) for _ in range(args.batches)]
     return net, batches, DataLoader(batches, batch_size=None), LitConvNet(net)
+
+
+def benchmark_means(report: Artefact) -> str:
+    """The mean error % over the corruptions of every method in a ``recipes/benchmark.py`` report, and the clean
+    error of ``source`` and ``bn``: how README.md quotes a reduced benchmark run."""
+    results = report["results"]
+    means = ", ".join(f"{method} {r['mean']:.1f}" for method, r in results.items())
+    clean = ", ".join(f"{method} {results[method]['clean']:.1f}" for method in ("source", "bn") if method in results)
+    return f"mean error at severity {report['table_severity']}: {means} (clean: {clean})"

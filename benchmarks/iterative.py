@@ -1,8 +1,8 @@
 """Adaptive test-time augmentation and refinement with per-sample halting: compute saved and accuracy kept.
 
 Run: ``.venv/bin/python benchmarks/iterative.py [--reps 3] [--bootstrap 2000] [--data auto|digits|fashion_mnist]
-[--subset 3000]`` (about 40 s on digits, 8 min on Fashion-MNIST, 2 cores); writes
-``benchmarks/results/iterative_<data>.json`` (``--artefact NAME`` for another name).
+[--subset 3000]``; writes ``benchmarks/results/iterative_<data>.json`` with the run's wall time (``--artefact NAME``
+for another name).
 
 Part 1, adaptive TTA on a trained classifier: the CNN of ``recipes/digits.py`` trained on Fashion-MNIST when
 Debian's ``dataset-fashion-mnist`` is installed (``--data auto``; 3 epochs, the first ``--subset`` 3,000 test

@@ -1,8 +1,7 @@
 """Test-time augmentation on scikit-learn's digits: error before and after, on clean and shifted/noisy test sets.
 
-Trains a small CNN on 8x8 digits (deterministic, about ten seconds on 2 cores), augmenting each training batch
-with a random view of the ``shift x multiscale`` policy (TTA helps most when the views are ones the model was trained
-on), then predicts the held-out digits with ``trainer.predict`` and several ``TestTimeAugmentation``
+Trains a small CNN on 8x8 digits (deterministic), augmenting each training batch with a random view of the
+``shift x multiscale`` policy (TTA helps most when the views are ones the model was trained on), then predicts the held-out digits with ``trainer.predict`` and several ``TestTimeAugmentation``
 policies, and prints a markdown table of error rates (%) and negative log-likelihood. The ``shift`` policy is a
 transform registered with ``@ttc.register_transform``; ``hflip`` is there to show that a policy must suit the data
 (digits are not mirror-symmetric).
