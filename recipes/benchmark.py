@@ -11,15 +11,28 @@ a markdown table (error % per method and corruption at ``table_severity``, clean
 and writes into the Hydra run directory:
 
 * ``results.json``: ``{method: {corruption: error %, ..., "clean": x, "mean": x}}`` at ``table_severity``;
+* ``report.json``: the same with NLL, ECE, batch size and seconds per method, the settings, the command, the date,
+  the machine, the versions and the load average (the form of ``benchmarks/results/digits_results.json``);
 * ``results.csv``: every method, corruption and severity with error %, NLL and ECE;
 * ``severity.png``: mean error over the corruptions against severity, one line per method;
 * ``model.ckpt``'s path in the log, for ``recipes/predict.py ckpt_path=...``.
+
+``publish=DIR`` also copies ``report.json``, ``results.csv`` and ``severity.png`` to ``DIR/<data>_results.json``,
+``DIR/<data>_results.csv`` and ``DIR/<data>_severity.png`` (the committed artefacts: ``publish=benchmarks/results``).
+When ``benchmarks/results/<data>_results.json`` exists with the same settings, the run says whether its table equals
+the committed one. EATA methods listed in ``fisher.methods`` get ``fisher.samples`` clean images of the source
+training split as ``fisher_data``; the others run without the regulariser (ETA). A method in ``method_severities``
+runs only the clean segment and those at its severities; ``threads`` sets torch's thread count.
 """
 
+import datetime
 import hashlib
 import json
 import math
 import os
+import platform
+import resource
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,9 +52,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+import ttc_lightning as ttc
 from ttc_lightning.data import CORRUPTIONS, Shift, stream
 
 register()
+ROOT = Path(__file__).resolve().parents[1]
+#: The committed artefacts of the benchmark.
+RESULTS = ROOT / "benchmarks" / "results"
+#: The settings that decide the numbers: a committed artefact is compared with a run only when these agree.
+SETTINGS = ("data", "model", "methods", "suite", "batch_sizes", "fisher", "corruptions", "severities")
+SETTINGS += ("table_severity", "stream", "seed", "subset", "train", "threads")
 #: Short column names, as in RobustBench's tables.
 SHORT = {
     "gaussian_noise": "gauss",
@@ -68,6 +88,7 @@ def train_source(cfg: DictConfig, x_train: Tensor, y_train: Tensor) -> tuple[L.L
     """The source model, trained once per data, model and training settings, then loaded from the cache."""
     settings = {"data": cfg.data.name, "model": OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.train)}
     settings["recipe"] = TRAINING_VERSION
+    settings["threads"] = cfg.threads  # the thread count changes training's float sums, hence the weights
     settings.pop("cache_dir"), settings.pop("progress_bar")
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cfg.train.cache_dir) / f"{cfg.data.name}-{key}.ckpt"
@@ -84,6 +105,15 @@ def train_source(cfg: DictConfig, x_train: Tensor, y_train: Tensor) -> tuple[L.L
     path.parent.mkdir(parents=True, exist_ok=True)
     run.save_checkpoint(path, weights_only=True)
     return model.eval(), str(path)
+
+
+def setup(cfg: DictConfig) -> None:
+    """Quiet Lightning and set torch's intra-op thread count to ``cfg.threads`` (``null``: torch's default)."""
+    quiet()
+    if cfg.threads is not None:
+        if not isinstance(cfg.threads, int) or isinstance(cfg.threads, bool) or cfg.threads < 1:
+            raise ValueError(f"`threads`={cfg.threads!r} must be an integer >= 1 or null (torch's default).")
+        torch.set_num_threads(cfg.threads)
 
 
 def compositions(cfg: DictConfig) -> dict[str, DictConfig | list[DictConfig]]:
@@ -111,13 +141,55 @@ def runs(segments: Sequence[Shift]) -> list[list[Shift]]:
     return grouped
 
 
+def fisher_loader(cfg: DictConfig, x_train: Tensor) -> DataLoader:
+    """EATA's Fisher data: the first ``fisher.samples`` images of the source training split, at the test batch
+    size (EATA's code estimates the Fisher information on clean batches of its test batch size)."""
+    samples = cfg.fisher.samples
+    if not isinstance(samples, int) or isinstance(samples, bool) or not 0 < samples <= len(x_train):
+        raise ValueError(f"`fisher.samples`={samples!r} must be an integer from 1 to {len(x_train)} (training split).")
+    return DataLoader(TensorDataset(x_train[:samples]), batch_size=cfg.data.batch_size)
+
+
+def uses_fisher(cfg: DictConfig, method: str) -> bool:
+    """Whether ``method`` (a suite name, or a sweep's composition name such as ``eata+tta-hflip``, named after its
+    ``ttc/ttt`` choice) is listed in ``fisher.methods``."""
+    return method.split("+")[0] in cfg.fisher.methods
+
+
+def method_segments(cfg: DictConfig, method: str, segments: list[Shift]) -> list[Shift]:
+    """The segments ``method`` runs: all of them, or for a method in ``method_severities`` (by suite name, or a
+    sweep's ``ttc/ttt`` choice) the clean one and those at its severities, in stream order."""
+    severities = cfg.method_severities.get(method.split("+")[0])
+    if severities is None:
+        return segments
+    if cfg.table_severity not in severities or not set(severities) <= set(cfg.severities):
+        raise ValueError(
+            f"`method_severities.{method}`={list(severities)} must hold table_severity={cfg.table_severity} and "
+            f"only severities the run has ({list(cfg.severities)})."
+        )
+    return [s for s in segments if s.name == "clean" or s.severity in severities]
+
+
+def strategy(node: DictConfig, fisher: DataLoader | None) -> L.Callback:
+    """The callback of ``node``; an EATA also gets ``fisher`` as its Fisher data when given."""
+    if fisher is not None and node.get("_target_") == "ttc_lightning.EATA":
+        return instantiate(node, fisher_data=fisher)
+    return instantiate(node)
+
+
 def evaluate(
-    model: L.LightningModule, callbacks: list[DictConfig], segments: list[Shift], cfg: DictConfig, batch_size: int
+    model: L.LightningModule,
+    callbacks: list[DictConfig],
+    segments: list[Shift],
+    cfg: DictConfig,
+    batch_size: int,
+    fisher: DataLoader | None = None,
 ) -> list[dict[str, Any]]:
-    """Error %, NLL and ECE of one method on every segment; one ``trainer.predict`` per run of segments."""
+    """Error %, NLL and ECE of one method on every segment; one ``trainer.predict`` per run of segments. EATA
+    callbacks get ``fisher`` as their Fisher data."""
     rows = []
     for run in runs(segments):
-        strategies = [instantiate(node) for node in callbacks]
+        strategies = [strategy(node, fisher) for node in callbacks]
         trainer = instantiate(cfg.trainer, callbacks=strategies, enable_progress_bar=False)
         images = torch.cat([s.images for s in run])
         loader = DataLoader(TensorDataset(images), batch_size=batch_size)
@@ -148,14 +220,19 @@ def summary(rows: list[dict[str, Any]], severity: int) -> dict[str, float]:
     return out
 
 
-def markdown(results: dict[str, dict[str, float]], calibration: dict[str, tuple[float, float]] | None = None) -> str:
-    """The results table: methods as rows; clean, corruptions, mean (and NLL, ECE when given) as columns."""
+def markdown(
+    results: dict[str, dict[str, float]],
+    calibration: dict[str, tuple[float, float]] | None = None,
+    labels: dict[str, str] | None = None,
+) -> str:
+    """The results table: methods as rows (named by ``labels`` where given); clean, corruptions, mean (and NLL,
+    ECE when given) as columns."""
     columns = list(dict.fromkeys(k for r in results.values() for k in r if k not in ("clean", "mean")))
     head = ["method", "clean", *(SHORT.get(c, c) for c in columns), "mean", *(["NLL", "ECE %"] if calibration else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in results.items():
         cells = [r.get("clean", math.nan), *(r.get(c, math.nan) for c in columns), r["mean"]]
-        row = f"| {method} | " + " | ".join(f"{v:.1f}" for v in cells) + " |"
+        row = f"| {(labels or {}).get(method, method)} | " + " | ".join(f"{v:.1f}" for v in cells) + " |"
         if calibration:
             nll, ece = calibration[method]
             row += f" {nll:.3f} | {ece:.1f} |"
@@ -188,13 +265,143 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (empty where the system does not report them)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def settings(cfg: DictConfig) -> dict[str, Any]:
+    """The configuration that decides the numbers (:data:`SETTINGS`, the trainer; no cache path, no progress bar)."""
+    out = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in (*SETTINGS, "trainer")
+    }
+    out["train"] = {k: v for k, v in out["train"].items() if k not in ("cache_dir", "progress_bar")}
+    return out
+
+
+def report(
+    cfg: DictConfig,
+    rows: dict[str, list[dict[str, Any]]],
+    seconds: dict[str, float],
+    samples: int,
+    started: tuple[float, list[float]],
+) -> dict[str, Any]:
+    """The run's artefact: per method its errors at ``table_severity`` (as ``results.json``), NLL and ECE % (means
+    over the corruptions at that severity), batch size and seconds; the settings, command, date, machine, versions
+    and load average."""
+    severity = cfg.table_severity
+    results: dict[str, dict[str, Any]] = {}
+    for method, method_rows in rows.items():
+        shifted = [r for r in method_rows if r["corruption"] != "clean" and r["severity"] == severity]
+        results[method] = {
+            "batch_size": cfg.batch_sizes.get(method, cfg.data.batch_size),
+            "seconds": round(seconds[method], 1),
+            **summary(method_rows, severity),
+            "nll": sum(r["nll"] for r in shifted) / max(len(shifted), 1),
+            "ece": sum(r["ece"] for r in shifted) / max(len(shifted), 1) * 100,
+        }
+    overrides = list(HydraConfig.get().overrides.task)
+    return {
+        "command": " ".join([".venv/bin/python recipes/benchmark.py", *overrides]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "ttc_lightning": ttc.__version__,
+        },
+        "load_average": {"start": started[1], "end": load_average()},
+        "seconds": round(time.perf_counter() - started[0], 1),
+        "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+        "settings": settings(cfg),
+        "samples": samples,
+        "table_severity": severity,
+        "notes": {m: note for m, note in OmegaConf.to_container(cfg.notes, resolve=True).items() if m in rows},
+        "results": results,
+    }
+
+
+#: The keys of a method's entry in a report that are not table columns.
+EXTRAS = ("batch_size", "seconds", "nll", "ece")
+
+
+def table(artefact: dict[str, Any]) -> str:
+    """The markdown table of a report: a method whose batch size is not the data's is named with it, e.g.
+    ``memo (batch 16)``."""
+    default = artefact["settings"]["data"]["batch_size"]
+    results = artefact["results"]
+    errors = {m: {k: v for k, v in r.items() if k not in EXTRAS} for m, r in results.items()}
+    calibration = {m: (r["nll"], r["ece"]) for m, r in results.items()}
+    labels = {m: m if r["batch_size"] == default else f"{m} (batch {r['batch_size']})" for m, r in results.items()}
+    return markdown(errors, calibration, labels)
+
+
+def readme_block(artefact: dict[str, Any]) -> str:
+    """What README.md shows of a report: a caption naming the setting and the run, the table, the notes."""
+    s = artefact["settings"]
+    corruptions = len([k for k in next(iter(artefact["results"].values())) if k not in (*EXTRAS, "clean", "mean")])
+    stream_words = {"reset": "each shift adapted to from the source model"}.get(s["stream"], f"{s['stream']} stream")
+    m, v = artefact["machine"], artefact["versions"]
+    loads = artefact["load_average"]
+    cpu = f" ({artefact['cpu_seconds']:.0f} s of CPU time)" if "cpu_seconds" in artefact else ""
+    caption = (
+        f"Error % at severity {artefact['table_severity']} of {corruptions} corruptions ({stream_words}) on the "
+        f"{artefact['samples']} test images of `{s['data']['name']}`, batch {s['data']['batch_size']} unless named; "
+        f"NLL and ECE: means over the corruptions at that severity. Run of {artefact['date'][:10]} "
+        f"(`{artefact['command']}`): {m['cpu']}, {m['cores']} cores, torch {v['torch']}, lightning {v['lightning']}; "
+        f"{artefact['seconds']:.0f} s in all{cpu}, load average {loads['start'][0] if loads['start'] else '?'} at "
+        "start."
+    )
+    notes = [f"`{method}`: {note}" for method, note in (artefact.get("notes") or {}).items()]
+    return "\n\n".join([caption, table(artefact), *notes])
+
+
+def compare(artefact: dict[str, Any], path: Path) -> str | None:
+    """Whether ``artefact``'s table equals the one of the committed report at ``path``, when that report exists and
+    has the same settings."""
+    if not path.exists():
+        return None
+    committed = json.loads(path.read_text())
+    if committed.get("settings") != artefact["settings"]:
+        return f"Settings differ from {path.relative_to(ROOT)}: not compared."
+    same = table(committed) == table(artefact)
+    return f"Table {'equals' if same else 'DIFFERS from'} the committed {path.relative_to(ROOT)}."
+
+
 @hydra.main(config_path="../configs", config_name="benchmark", version_base=None)
 def main(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    quiet()
+    setup(cfg)
+    started = (time.perf_counter(), load_average())
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     methods = compositions(cfg)
+    for option in ("fisher.methods", "method_severities"):
+        unknown = [m for m in OmegaConf.select(cfg, option) if m not in cfg.suite]
+        if unknown:
+            raise ValueError(f"`{option}` {unknown} are not in the suite; allowed: {', '.join(cfg.suite)}.")
     x_train, y_train, x_test, y_test = load(cfg.data.name)
     model, checkpoint = train_source(cfg, x_train, y_train)
+    fisher = fisher_loader(cfg, x_train)
     if cfg.subset is not None:
         x_test, y_test = x_test[: cfg.subset], y_test[: cfg.subset]
     corruptions = CORRUPTIONS if cfg.corruptions == "all" else tuple(cfg.corruptions)
@@ -202,19 +409,18 @@ def main(cfg: DictConfig) -> dict[str, dict[str, float]]:
     segments += stream(x_test, y_test, corruptions, tuple(cfg.severities), cfg.stream, cfg.seed)
     print(f"{len(methods)} method(s) x {len(segments)} segments of {len(x_test)} samples ({cfg.stream} stream)")
     rows: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
     for method, callbacks in methods.items():
         batch_size = cfg.batch_sizes.get(method, cfg.data.batch_size)
         start = time.perf_counter()
-        rows[method] = evaluate(model, list(callbacks), segments, cfg, batch_size)
+        kept = method_segments(cfg, method, segments)
+        rows[method] = evaluate(
+            model, list(callbacks), kept, cfg, batch_size, fisher if uses_fisher(cfg, method) else None
+        )
+        seconds[method] = time.perf_counter() - start
         mean = summary(rows[method], cfg.table_severity)["mean"]
-        print(f"  {method}: mean error {mean:.1f} % ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"  {method}: mean error {mean:.1f} % ({seconds[method]:.0f} s)", flush=True)
     results = {method: summary(method_rows, cfg.table_severity) for method, method_rows in rows.items()}
-    severity = cfg.table_severity
-    shifted = {m: [r for r in v if r["corruption"] != "clean" and r["severity"] == severity] for m, v in rows.items()}
-    calibration = {
-        m: (sum(r["nll"] for r in v) / max(len(v), 1), sum(r["ece"] for r in v) / max(len(v), 1) * 100)
-        for m, v in shifted.items()
-    }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     with open(out_dir / "results.csv", "w") as f:
         f.write("method,corruption,severity,error,nll,ece\n")
@@ -222,10 +428,22 @@ def main(cfg: DictConfig) -> dict[str, dict[str, float]]:
             for r in method_rows:
                 f.write(f"{m},{r['corruption']},{r['severity']},{r['error']:.3f},{r['nll']:.5f},{r['ece']:.5f}\n")
     plot(rows, out_dir / "severity.png")
-    print(f"\nError % at severity {cfg.table_severity} ({cfg.data.name}, {cfg.stream} stream, {len(x_test)} samples; ")
-    print("NLL and ECE: means over the corruptions at that severity)\n")
-    print(markdown(results, calibration))
-    print(f"\nSource checkpoint: {checkpoint}\nWritten to {out_dir}: results.json, results.csv, severity.png")
+    artefact = report(cfg, rows, seconds, len(x_test), started)
+    (out_dir / "report.json").write_text(json.dumps(artefact, indent=1) + "\n")
+    print(f"\n{readme_block(artefact)}\n")
+    print(
+        f"Source checkpoint: {checkpoint}\nWritten to {out_dir}: results.json, report.json, results.csv, severity.png"
+    )
+    verdict = compare(artefact, RESULTS / f"{cfg.data.name}_results.json")
+    if cfg.publish:
+        target = Path(hydra.utils.to_absolute_path(cfg.publish))
+        target.mkdir(parents=True, exist_ok=True)
+        for name, published in (("report.json", "results.json"), ("results.csv", "results.csv")):
+            shutil.copyfile(out_dir / name, target / f"{cfg.data.name}_{published}")
+        shutil.copyfile(out_dir / "severity.png", target / f"{cfg.data.name}_severity.png")
+        print(f"Published to {target}: {cfg.data.name}_results.json, _results.csv, _severity.png")
+    if verdict:
+        print(verdict)
     return results
 
 

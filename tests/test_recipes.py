@@ -1,4 +1,5 @@
-"""The Hydra recipes end to end: a reduced benchmark, a sweep and its aggregation, and the entry-point configs."""
+"""The Hydra recipes end to end: a reduced benchmark, a sweep and its aggregation, and the entry-point configs; the
+main job's committed artefacts and README.md's table rendered from them."""
 
 import csv
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from schemas import register
 
 import ttc_lightning as ttc
@@ -53,6 +55,20 @@ def test_reduced_benchmark_runs_end_to_end(tmp_path):
             assert float(r["error"]) == pytest.approx(results[r["method"]][r["corruption"]], abs=1e-3)
     assert (out / "severity.png").stat().st_size > 0
     assert "| method | clean | gauss | contr | mean | NLL | ECE % |" in stdout
+    # the report: the same errors, NLL and ECE % as the CSV's means over the corruptions at table_severity
+    report = json.loads((out / "report.json").read_text())
+    assert {"command", "date", "machine", "versions", "load_average", "settings"} <= set(report)
+    assert report["command"].startswith(".venv/bin/python recipes/benchmark.py train.epochs=1")
+    assert report["settings"]["threads"] == 1 and report["samples"] == 120
+    for method, row in report["results"].items():
+        assert {k: v for k, v in row.items() if k not in ("batch_size", "seconds", "nll", "ece")} == results[method]
+        at5 = [r for r in rows if r["method"] == method and r["severity"] == "5"]
+        assert row["nll"] == pytest.approx(sum(float(r["nll"]) for r in at5) / 2, abs=1e-4)
+        assert row["ece"] == pytest.approx(sum(float(r["ece"]) for r in at5) / 2 * 100, abs=1e-2)
+        assert row["batch_size"] == 64
+    from benchmark import readme_block
+
+    assert readme_block(report) in stdout
     # the cached source model is reused
     again = run(
         "benchmark.py",
@@ -77,6 +93,111 @@ def test_reduced_benchmark_runs_end_to_end(tmp_path):
     )
     assert "Training the source model" in fresh
     assert json.loads((tmp_path / "fresh" / "results.json").read_text())["source"] == results["source"]
+
+
+def report(results: dict, batch_sizes: dict[str, int], notes: dict[str, str] | None = None) -> dict:
+    """A hand-made main-job report (the form of benchmarks/results/digits_results.json)."""
+    return {
+        "command": ".venv/bin/python recipes/benchmark.py",
+        "date": "2026-12-01T12:00:00+00:00",
+        "machine": {"cpu": "Some CPU", "cores": 2, "torch_threads": 1},
+        "versions": {"python": "3.11.2", "torch": "2.13.0+cpu", "lightning": "2.6.6", "ttc_lightning": "0.1.0"},
+        "load_average": {"start": [1.5, 1.0, 0.5], "end": [2.0, 1.0, 0.5]},
+        "seconds": 241.4,
+        "settings": {"data": {"name": "digits", "batch_size": 64}, "stream": "reset"},
+        "samples": 719,
+        "table_severity": 5,
+        "notes": notes or {},
+        "results": {
+            method: {"batch_size": batch_sizes[method], "seconds": 1.0, **row, "nll": nll, "ece": ece}
+            for method, (row, nll, ece) in results.items()
+        },
+    }
+
+
+def test_the_readme_block_renders_a_report():
+    from benchmark import readme_block
+
+    artefact = report(
+        {
+            "source": ({"clean": 1.25, "gaussian_noise": 50.96, "fog": 10.0, "mean": 30.48}, 2.6543, 31.04),
+            "memo": ({"clean": 2.0, "gaussian_noise": 40.0, "fog": 20.04, "mean": 30.02}, 1.5, 9.96),
+        },
+        {"source": 64, "memo": 16},
+        {"memo": "not the paper's protocol."},
+    )
+    assert readme_block(artefact) == (
+        "Error % at severity 5 of 2 corruptions (each shift adapted to from the source model) on the 719 test images "
+        "of `digits`, batch 64 unless named; NLL and ECE: means over the corruptions at that severity. Run of "
+        "2026-12-01 (`.venv/bin/python recipes/benchmark.py`): Some CPU, 2 cores, torch 2.13.0+cpu, lightning 2.6.6; "
+        "241 s in all, load average 1.5 at start.\n\n"
+        "| method | clean | gauss | fog | mean | NLL | ECE % |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| source | 1.2 | 51.0 | 10.0 | 30.5 | 2.654 | 31.0 |\n"
+        "| memo (batch 16) | 2.0 | 40.0 | 20.0 | 30.0 | 1.500 | 10.0 |\n\n"
+        "`memo`: not the paper's protocol."
+    )
+    artefact["cpu_seconds"] = 199.6
+    assert "241 s in all (200 s of CPU time), load average 1.5 at start." in readme_block(artefact)
+
+
+def test_readme_main_table_is_the_committed_artefacts_rendering():
+    """README.md holds exactly what benchmarks/render_main_table.py renders from benchmarks/results/."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from render_main_table import current, expected
+
+    assert current((ROOT / "README.md").read_text()) == expected()
+
+
+def test_committed_artefacts_come_from_the_current_configuration():
+    """digits_results.json was run with today's benchmark settings (regenerate it when they change), and EATA's
+    d_margin in the config is what the validation sweep chose."""
+    from benchmark import RESULTS, settings
+
+    cfg = _compose("benchmark")
+    main = json.loads((RESULTS / "digits_results.json").read_text())
+    assert main["settings"] == settings(cfg)
+    assert main["command"] in {  # the main job itself, publishing or not
+        ".venv/bin/python recipes/benchmark.py",
+        ".venv/bin/python recipes/benchmark.py publish=benchmarks/results",
+    }
+    assert list(main["results"]) == list(cfg.methods)
+    hparams = json.loads((RESULTS / "hparams.json").read_text())
+    assert cfg.suite.eata.d_margin == hparams["chosen"] == cfg.suite.eta.d_margin
+    assert hparams["corruptions"] == ["speckle_noise", "gaussian_blur", "spatter"]
+    memo = json.loads((RESULTS / "memo_bs1.json").read_text())
+    assert memo["memo"] == OmegaConf.to_container(cfg.suite.memo, resolve=True)
+    for artefact in (main, hparams, memo):
+        assert {"command", "date", "machine", "versions", "load_average"} <= set(artefact)
+
+
+def test_the_validation_sweep_breaks_ties_towards_the_paper_value():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from select_hparams import PAPER, choose
+
+    assert PAPER == 0.05
+    assert choose({0.05: 20.0, 0.4: 19.9, 0.6: 19.9}) == 0.4  # lowest error, then the smaller value
+    assert choose({0.4: 20.0, 0.05: 20.0, 0.2: 20.0}) == 0.05  # a tie goes to the paper's value
+    assert choose({0.8: 20.0, 0.2: 20.0}) == 0.2
+
+
+def test_eata_gets_the_first_training_images_as_fisher_data_and_eta_none():
+    import torch
+    from benchmark import fisher_loader, strategy, uses_fisher
+    from digits import digits
+
+    cfg = _compose("benchmark")
+    x_train = digits()[0]
+    loader = fisher_loader(cfg, x_train)
+    assert torch.equal(torch.cat([batch[0] for batch in loader]), x_train[: cfg.fisher.samples])
+    assert 500 <= cfg.fisher.samples <= len(x_train)
+    assert strategy(cfg.suite.eata, loader).fisher_data is loader
+    assert strategy(cfg.suite.eata, None).fisher_data is None
+    assert type(strategy(cfg.suite.tent, loader)) is ttc.Tent
+    assert [m for m in cfg.methods if uses_fisher(cfg, m)] == ["eata"]
+    assert uses_fisher(cfg, "eata+tta-hflip") and not uses_fisher(cfg, "eta")
+    with pytest.raises(ValueError, match=r"`fisher.samples`=2000 must be an integer from 1 to 1078"):
+        fisher_loader(_compose("benchmark", "fisher.samples=2000"), x_train)
 
 
 def test_a_sweep_over_ttc_groups_and_its_aggregation(tmp_path):
@@ -114,6 +235,7 @@ def test_benchmark_suite_instantiates_every_method():
     assert kinds == {
         "bn": ttc.BatchNormAdapt,
         "tent": ttc.Tent,
+        "eta": ttc.EATA,
         "eata": ttc.EATA,
         "sar": ttc.SAR,
         "memo": ttc.MEMO,
