@@ -98,7 +98,7 @@ CONFIGS: dict[str, tuple[Callable[[], L.LightningModule], Callable[[], list[L.Ca
         lambda: [ttc.IterativeInference("refine", stopping.Converged(1e-3), 30, return_iterations=True)],
     ),
     "sample": (Dropper, lambda: [ttc.IterativeInference("sample", stopping.BetaVote(0.9), 12, return_iterations=True)]),
-    "tent_episodic": (ConvNet, lambda: [ttc.Tent(optimizer=SGD, episodic=True)]),
+    "tent_episodic": (ConvNet, lambda: [ttc.Tent(optimizer=SGD, episodic=True, steps=2)]),  # 1 step: source model
 }
 
 if __name__ == "__main__":

@@ -427,8 +427,43 @@ def test_an_argument_that_cannot_act_given_the_others(make, error, match):
     check_refused(make, error, match)
 
 
-def test_sync_on_one_process_is_refused_before_any_batch():
-    refused([ttc.Tent(optimizer=SGD, sync=True)], ConvNet(), loader(images(8)), ValueError, r"`sync`=True has no eff")
+@pytest.mark.parametrize(
+    ("callbacks", "make_model", "match"),
+    [
+        case("sync", lambda: [ttc.Tent(optimizer=SGD, sync=True)], ConvNet, r"`sync`=True has no effect: .*one proc"),
+        case(
+            "episodic_one_step",
+            lambda: [ttc.Tent(optimizer=SGD, episodic=True)],
+            ConvNet,
+            r"`episodic`=True.* with steps=1 leaves the `optimizer` without effect",
+        ),
+        case(
+            "one_dataloader",
+            lambda: [ttc.TestTimeTraining(optimizer=SGD, reset="dataloader")],
+            ConvNet,
+            r"`reset`='dataloader' has no effect: .* and this run has one",
+        ),
+        case(
+            "norm_without_batchnorm",
+            lambda: [ttc.TestTimeTraining(optimizer=SGD, params="norm", norm="ema")],
+            lambda: _no_batchnorm("group"),
+            r"`norm`='ema' has no effect: .*ConvNet has none",
+        ),
+    ],
+)
+def test_an_argument_the_run_leaves_without_effect_is_refused_before_any_batch(callbacks, make_model, match):
+    refused(callbacks(), make_model(), loader(images(8)), ValueError, match)
+
+
+def test_episodic_with_one_step_is_allowed_where_an_update_reaches_a_prediction():
+    """Composed with TTA the prediction is the adapted model's; MEMO predicts after its update."""
+    model = ConvNet()
+    before = state(model)
+    tent = ttc.Tent(optimizer=SGD, episodic=True)
+    adapted = torch.cat(trainer([tent, TTA()]).predict(model, loader(images(8), 4)))
+    source = torch.cat(trainer([ttc.BatchNormAdapt(), TTA()]).predict(model, loader(images(8), 4)))
+    assert tent.updates == 2 and not torch.allclose(adapted, source)
+    assert_state(model, before)
 
 
 def test_the_callback_class_instead_of_an_instance_is_lightnings_own_error():

@@ -220,7 +220,9 @@ def test_episodic_reset_clears_the_moving_average():
     """Episodic: the model, the optimizer and the moving average start afresh on every batch, so only the entropy
     filter acts (batch 1 keeps its two confident class-0 rows too)."""
     batches = constructed_batches()
-    eata = ttc.EATA(optimizer=SGD, params="all", episodic=True)
+    # keep_adapted: episodic with one step predicts with the source model only, refused unless the last adaptation
+    # is kept
+    eata = ttc.EATA(optimizer=SGD, params="all", episodic=True, keep_adapted=True)
     preds, rec = run(LogitNet(), eata, torch.cat(batches))
     outputs, kept, history, _ = logit_reference(batches, episodic=True)
     assert kept[1].tolist() == [True, True, True, False, True, True]

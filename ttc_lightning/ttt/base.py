@@ -124,6 +124,9 @@ class TestTimeTraining(TestTimeCallback):
     unused_options: ClassVar[dict[str, str]] = {}
     #: Whether the preset adapts by gradient steps, so that ``optimizer=None`` is an error.
     requires_optimizer: ClassVar[bool] = False
+    #: Whether a batch's prediction comes from a forward before its last update (TENT) when nothing is composed
+    #: inside; then an episodic run with one step per batch predicts with the source model only.
+    predicts_before_update: ClassVar[bool] = True
 
     @classmethod
     def shared_options(cls) -> tuple[str, ...]:
@@ -305,7 +308,7 @@ class TestTimeTraining(TestTimeCallback):
 
     def wrap(self, inner: Forward, context: Context) -> Forward:
         module = context.module
-        self._check_run(module)
+        self._check_run(module, composed=inner is not context.base)
         self._clear_figures()
         context.cleanups.append(self.norm.apply(module, required=self.optimizer_factory is None))
         self._params: list[nn.Parameter] = []
@@ -355,8 +358,19 @@ class TestTimeTraining(TestTimeCallback):
 
         return forward
 
-    def _check_run(self, module: nn.Module) -> None:
-        """Refuse, at the start of the stage, the arguments that the run leaves without effect."""
+    def _check_run(self, module: nn.Module, composed: bool) -> None:
+        """Refuse, at the start of the stage, the arguments that the run leaves without effect (``composed``: a
+        strategy runs inside this one, whose forward then gives the prediction)."""
+        one_update = self.optimizer_factory is not None and self.steps == 1 and self.reset_policy in ("batch", 1)
+        if one_update and self.predicts_before_update and not composed and not self.keep_adapted:
+            raise ValueError(
+                f"`reset`={self.reset_policy!r} (`episodic`=True in a preset) with steps=1 leaves the `optimizer` "
+                f"without effect: {type(self).__name__} predicts each batch from its forward before the batch's "
+                "only update, and the model is reset to the source before every batch, so no update ever "
+                "reaches a prediction (they are the source model's). Use steps >= 2, compose a strategy that "
+                "predicts with the adapted model (TestTimeAugmentation), keep_adapted=True to keep the last "
+                "batch's adaptation, or ttc.BatchNormAdapt."
+            )
         if self.sync and not distributed():
             raise ValueError(
                 "`sync`=True has no effect: it keeps the processes of a multi-process run in step, and this run has "

@@ -82,7 +82,8 @@ class EATA(TestTimeTraining):
         fisher_alpha: weight of the Fisher regulariser (needs ``fisher_data``; ``0`` with ``fisher_data`` is refused,
             as the estimate would go unused). Default ``2000.0``.
         steps: updates per batch. Default ``1``.
-        episodic: reset before every batch. Default ``False``.
+        episodic: reset before every batch. With ``steps=1`` it needs ``keep_adapted`` or a
+            composed TTA, else every prediction is the source model's (refused). Default ``False``.
         params: which parameters adapt. Default ``"batchnorm"``.
         **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
             ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).

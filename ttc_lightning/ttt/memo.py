@@ -59,6 +59,7 @@ class MEMO(TestTimeTraining):
         "batch statistics (norm='mix', weight `alpha`)",
     }
     requires_optimizer: ClassVar[bool] = True
+    predicts_before_update: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -51,7 +51,8 @@ class SAR(TestTimeTraining):
         reset_below: collapse threshold on the loss average (not with ``episodic``, which resets every batch).
             Default ``0.2``.
         steps: updates per batch. Default ``1``.
-        episodic: reset before every batch. Default ``False``.
+        episodic: reset before every batch. With ``steps=1`` it needs ``keep_adapted`` or a
+            composed TTA, else every prediction is the source model's (refused). Default ``False``.
         params: which parameters adapt. Default ``"norm"`` (BatchNorm, GroupNorm, LayerNorm affine parameters; the
             paper also freezes the deepest blocks, which is model-specific: pass a list or ``"re:<pattern>"``).
         **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,

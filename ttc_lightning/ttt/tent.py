@@ -24,7 +24,8 @@ class Tent(TestTimeTraining):
         optimizer: optimizer factory. Default ``functools.partial(torch.optim.Adam, lr=1e-3)`` (tent's CIFAR
             setting; its ImageNet setting is SGD, lr 0.00025, momentum 0.9).
         steps: updates per batch. Default ``1``.
-        episodic: reset the model and the optimizer before every batch. Default ``False``.
+        episodic: reset the model and the optimizer before every batch. With ``steps=1`` it needs ``keep_adapted`` or a
+            composed TTA, else every prediction is the source model's (refused). Default ``False``.
         params: which parameters adapt. Default ``"batchnorm"``.
         **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
             ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
