@@ -10,10 +10,12 @@ other arguments it is built with (empty: all defaults; otherwise an enabling con
   the stage, the number of forward calls, or the files written);
 * ``refused``: a ``ValueError`` or ``TypeError`` naming the argument, at construction or before the first forward.
 
-A discovered parameter without a trial fails the test, so a new argument cannot go unchecked. Every trial's first
-context is the all-defaults one where the parameter's class allows (a prerequisite such as ``norm="mix"`` for
-``norm_alpha`` gets a second trial in its enabling context). The runs are tiny (12 images of 3x6x6, a 4-channel conv
-net, 3 batches) through ``Trainer.predict`` for callbacks and the plain-module path for the rest.
+A discovered parameter without a trial fails the test, so a new argument cannot go unchecked. The first trial of a
+parameter is built with every other argument at its default, except for EATA and SAR, whose entropy filters keep no
+sample of this small, unsure model at their defaults (so nothing would be trained): their ``acts`` trials take
+lenient filters. A prerequisite such as ``norm="mix"`` for ``norm_alpha`` gets a trial in its enabling context beside
+the refusal in the default one. The runs are tiny (12 images of 3x6x6, a 4-channel conv net, 3 batches) through
+``Trainer.predict`` for callbacks and the plain-module path for the rest.
 """
 
 import copy
@@ -299,7 +301,7 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
     **lenient(shared(ttc.EATA, GRADIENT_OPTIONS), **LENIENT),
     (ttc.EATA, "optimizer"): [acts(SGD, **LENIENT)],
     (ttc.EATA, "e_margin"): [acts(2.0)],
-    (ttc.EATA, "d_margin"): [acts(1.0, e_margin=2.0)],
+    (ttc.EATA, "d_margin"): [acts(1.0, e_margin=2.0), refused(1.0, episodic=True, keep_adapted=True)],
     (ttc.EATA, "fisher_data"): [acts([images()[:4]], **LENIENT)],
     (ttc.EATA, "fisher_alpha"): [refused(1.0), acts(1.0, fisher_data=[images()[:4]], **LENIENT)],
     (ttc.EATA, "steps"): [acts(2, **LENIENT)],

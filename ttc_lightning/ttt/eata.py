@@ -1,6 +1,7 @@
 """``EATA``: efficient anti-forgetting test-time adaptation (Niu et al., ICML 2022)."""
 
 import functools
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -75,7 +76,8 @@ class EATA(TestTimeTraining):
         e_margin: entropy threshold as a fraction of ``ln C``. Default ``0.4``.
         d_margin: redundancy threshold on the cosine similarity. Default ``0.05`` (the paper's ImageNet value). With
             few classes, cosine similarities between probability vectors are large and 0.05 rejects almost every
-            sample after the first batch: raise it (e.g. 0.4 for 10 classes).
+            sample after the first batch: raise it (e.g. 0.4 for 10 classes). Refused with ``episodic=True`` and
+            ``steps=1``, which clear the filter's moving average before every batch.
         fisher_data: an iterable of clean input batches (tensors, or tuples/lists whose first element is the input)
             to estimate the Fisher information at the start of each stage, or ``None`` for no regulariser (ETA).
             Default ``None``.
@@ -107,6 +109,13 @@ class EATA(TestTimeTraining):
     ) -> None:
         self.eata = EATAObjective(e_margin, d_margin)
         self.check_options(options)
+        defaults = {name: p.default for name, p in inspect.signature(EATA.__init__).parameters.items()}
+        if check_bool("episodic", episodic) and steps == 1:
+            why = (
+                "the redundancy filter compares each sample with the moving average of earlier batches' predictions, "
+                "which episodic=True clears before every batch (and with steps=1 no later step sees it)"
+            )
+            check_unused("d_margin", d_margin, defaults["d_margin"], why, "Use episodic=False or steps > 1")
         super().__init__(
             optimizer=optimizer,
             objective=self.eata,
@@ -125,7 +134,7 @@ class EATA(TestTimeTraining):
             )
         if fisher_data is None:
             why = "it weighs the Fisher regulariser, which needs `fisher_data` (clean inputs), and fisher_data=None"
-            check_unused("fisher_alpha", fisher_alpha, 2000.0, why, "Pass `fisher_data` or drop it")
+            check_unused("fisher_alpha", fisher_alpha, defaults["fisher_alpha"], why, "Pass `fisher_data` or drop it")
         elif fisher_alpha == 0:
             raise ValueError(
                 "`fisher_data` has no effect: it estimates the Fisher regulariser, whose weight is fisher_alpha=0. "
