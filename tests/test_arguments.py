@@ -331,7 +331,7 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
     (ttc.MEMO, "params"): [acts("batchnorm")],
     **shared(ttc.CoTTA, GRADIENT_OPTIONS),
     (ttc.CoTTA, "optimizer"): [acts(SGD)],
-    (ttc.CoTTA, "ema"): [acts(0.5)],
+    (ttc.CoTTA, "ema"): [acts(0.5), refused(1.0), acts(1.0, keep_adapted=True)],
     (ttc.CoTTA, "restore_prob"): [acts(0.5)],
     (ttc.CoTTA, "anchor_threshold"): [acts(0.0)],
     (ttc.CoTTA, "views"): [acts(2), refused(2, anchor_threshold=0.0)],

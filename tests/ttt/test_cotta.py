@@ -154,19 +154,24 @@ def test_full_restore_with_restore_prob_one():
 
 def test_teacher_frozen_with_ema_one():
     """ema = 1: the teacher stays the source model, so with threshold 0 every prediction is the source model on
-    batch statistics, however much the student moves."""
+    batch statistics, however much the student moves (allowed only when the student is kept)."""
     x = images(24, seed=4)
     model = ConvNet(scale=5, conv_bias=False)
-    cotta = ttc.CoTTA(optimizer=functools.partial(torch.optim.Adam, lr=0.1), ema=1.0, anchor_threshold=0.0)
-    preds, rec = run(model, cotta, x)
+    with pytest.raises(ValueError, match=r"`ema`=1.0 leaves the `optimizer` without effect"):
+        ttc.CoTTA(ema=1.0)  # the student's training would be thrown away
+    adam = functools.partial(torch.optim.Adam, lr=0.1)
+    cotta = ttc.CoTTA(optimizer=adam, ema=1.0, anchor_threshold=0.0, keep_adapted=True)
     source = [p.detach().clone() for p in model.net.parameters()]
+    reference = copy.deepcopy(model.net)
+    preds, rec = run(model, cotta, x)
     for t, s in zip(cotta.teacher, source, strict=True):
         assert torch.equal(t, s)
     with torch.no_grad():
-        expected = [batch_stats(model.net)(b) for b in x.split(8)]
+        expected = [batch_stats(reference)(b) for b in x.split(8)]
     for pred, out in zip(preds, expected, strict=True):
         torch.testing.assert_close(pred, out, rtol=1e-5, atol=1e-6)
     assert any((p - s).abs().max() > 1e-3 for p, s in zip(rec.params[-1], source, strict=True))
+    close(list(model.net.parameters()), rec.params[-1], rtol=0, atol=0)  # the kept student
 
 
 def test_teacher_follows_the_student_with_ema_zero():

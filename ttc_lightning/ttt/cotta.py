@@ -63,7 +63,8 @@ class CoTTA(TestTimeTraining):
 
     Args:
         optimizer: optimizer factory. Default ``functools.partial(torch.optim.Adam, lr=1e-3)`` (CIFAR setting).
-        ema: teacher momentum. Default ``0.999``.
+        ema: teacher momentum; ``1`` (a frozen teacher: every prediction the source model's) needs
+            ``keep_adapted=True``. Default ``0.999``.
         restore_prob: stochastic-restore probability. Default ``0.01``.
         anchor_threshold: source-confidence threshold below which the teacher averages augmentations. Default
             ``0.92`` (CIFAR-10; the paper uses 0.72 for CIFAR-100, 0.1 for ImageNet).
@@ -98,6 +99,12 @@ class CoTTA(TestTimeTraining):
         self.check_options(options)
         super().__init__(optimizer=optimizer, params=params, norm="batch", steps=steps, **options)
         self.ema = check_range("ema", ema, 0, 1)
+        if self.ema == 1 and not options.get("keep_adapted", False):
+            raise ValueError(
+                "`ema`=1.0 leaves the `optimizer` without effect: it freezes the teacher, whose output is CoTTA's "
+                "prediction, so no update of the student ever reaches one (they are the source model's). Use ema < 1, "
+                "or keep_adapted=True to keep the trained student."
+            )
         self.restore_prob = check_range("restore_prob", restore_prob, 0, 1)
         self.anchor_threshold = check_range("anchor_threshold", anchor_threshold, 0, 1)
         self.views = check_int("views", views, 1)
