@@ -20,7 +20,7 @@ TASKS = ("classification", "segmentation", "keypoints", "boxes")
 CLASS_TASKS = ("classification", "segmentation")
 POINT_TASKS = ("keypoints", "boxes")
 #: Views per forward when ``chunk_size="auto"``: one view at a time on CPU, all views of a shape stacked on GPU (the
-#: CPU value is measured in ``benchmarks/tta_chunking.py``; the GPU choice is not measured).
+#: CPU choice is timed by ``benchmarks/tta_chunking.py``; the GPU choice is not measured).
 AUTO_CPU_CHUNK = 1
 
 
@@ -89,10 +89,10 @@ class Augmenter:
         uncertainty: ``True`` for every measure the task supports, or names among ``std``, ``entropy``,
             ``mutual_info``, ``agreement`` (see :mod:`ttc_lightning.tta.uncertainty`). Default ``None``.
         chunk_size: views per forward call: ``None`` stacks every view of a shape into one forward, an int bounds
-            it, ``"auto"`` uses 1 on CPU (the fastest or near it in ``benchmarks/tta_chunking.py`` on a 2-core
-            CPU) and ``None`` on accelerators (an assumption: no GPU run has been measured). Views of different
-            shapes (non-square rot90, scales) always go in separate forwards. Refused with ``stop`` (one view per
-            forward) and with a single view. Default ``"auto"``.
+            it, ``"auto"`` uses 1 on CPU (the memory of one plain forward; its speed against stacking on CPU is
+            in ``benchmarks/README.md``) and ``None`` on accelerators (an assumption: no GPU run has been measured).
+            Views of different shapes (non-square rot90, scales) always go in separate forwards. Refused with
+            ``stop`` (one view per forward) and with a single view. Default ``"auto"``.
         stop: a :mod:`~ttc_lightning.stopping` rule for adaptive augmentation: views run one at a time in order
             (identity first) on the samples still running, and a sample stops as soon as the rule holds on the
             running mean probability of its views (whatever the merge); its output merges the views it saw.

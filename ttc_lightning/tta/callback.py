@@ -38,9 +38,9 @@ class TestTimeAugmentation(TestTimeCallback):
         flip_classes: class index pairs swapped in mirrored views (refused when no view mirrors). Default ``None``.
         flip_pairs: keypoint index pairs swapped in mirrored views (refused when no view mirrors). Default ``None``.
         uncertainty: ``True`` or names among ``std``, ``entropy``, ``mutual_info``, ``agreement``. Default ``None``.
-        chunk_size: views per forward; ``None`` stacks all views of a shape, ``"auto"`` is 1 on CPU (measured on a
-            2-core CPU, ``benchmarks/``) and ``None`` on accelerators (not measured: no GPU run exists); refused
-            with ``stop`` or a single view. Default ``"auto"``.
+        chunk_size: views per forward; ``None`` stacks all views of a shape, ``"auto"`` is 1 on CPU (one view's
+            memory; timings in ``benchmarks/README.md``) and ``None`` on accelerators (not measured: no GPU run
+            exists); refused with ``stop`` or a single view. Default ``"auto"``.
         stop: a :mod:`~ttc_lightning.stopping` rule: views run in order (identity first) on the samples still
             running, and a sample stops once the rule holds on the running mean probability of its views; halted
             samples leave the forward batch. Default ``None`` (every sample gets every view).
