@@ -22,6 +22,7 @@ import torch
 from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.overrides.distributed import _IndexBatchSamplerWrapper
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor
@@ -29,6 +30,7 @@ from torch.utils.data import DistributedSampler, RandomSampler, SequentialSample
 from typing_extensions import override
 
 from ttc_lightning.checks import check_int, check_trainer
+from ttc_lightning.ttt.sync import broadcast_object
 
 _FRAME = struct.Struct("<qQ")
 _HEADER, _FOOTER = -1, -2
@@ -110,6 +112,12 @@ def _check_template(known: Template, found: Template, where: str) -> None:
                 f"but {was[0]} and {was[1]} in earlier batches; predictions are concatenated along dim 0, so all "
                 "but the first dimension and the dtype must agree."
             )
+
+
+def _broadcast(trainer: pl.Trainer, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank, as ``trainer.strategy.broadcast`` gives it, but returning only once the process
+    group has let go of the tensors it travelled in (see :mod:`ttc_lightning.ttt.sync`)."""
+    return broadcast_object(obj) if isinstance(trainer.strategy, ParallelStrategy) else obj
 
 
 def _part_path(path: str, rank: int) -> str:
@@ -443,7 +451,7 @@ class PredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         check_trainer(trainer, "PredictionWriter")
-        self._run = trainer.strategy.broadcast(uuid.uuid4().hex, src=0)
+        self._run = _broadcast(trainer, uuid.uuid4().hex)
         self._part, self._indexed, self._counts, self._last, self._ordered, self._templates = None, [], [], [], [], {}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
@@ -552,7 +560,7 @@ class PredictionWriter(BasePredictionWriter):
                 merge_parts(self.path, self.shard_size)
             except Exception as exception:  # raised on every rank below
                 error = exception
-        message = trainer.strategy.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
+        message = _broadcast(trainer, None if error is None else f"{type(error).__name__}: {error}")
         if error is not None:
             raise error
         if message is not None:
