@@ -240,8 +240,13 @@ def markdown(
     return "\n".join(lines)
 
 
-def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Mean error over the corruptions against severity, one line per method."""
+def label(method: str, batch_size: int, default: int) -> str:
+    """A method's name in the table and plot, with its batch size where it is not the data's (``memo (batch 16)``)."""
+    return method if batch_size == default else f"{method} (batch {batch_size})"
+
+
+def plot(rows: dict[str, list[dict[str, Any]]], path: Path, labels: dict[str, str]) -> None:
+    """Mean error over the corruptions against severity, one line per method (named by ``labels``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,7 +259,7 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
             if row["corruption"] != "clean":
                 by_severity.setdefault(row["severity"], []).append(row["error"])
         xs = sorted(by_severity)
-        ax.plot(xs, [sum(by_severity[s]) / len(by_severity[s]) for s in xs], marker="o", label=method)
+        ax.plot(xs, [sum(by_severity[s]) / len(by_severity[s]) for s in xs], marker="o", label=labels[method])
     ax.set_xlabel("severity")
     ax.set_ylabel("error % (mean over corruptions)")
     ax.set_xticks(range(1, 6))
@@ -353,7 +358,7 @@ def table(artefact: dict[str, Any]) -> str:
     results = artefact["results"]
     errors = {m: {k: v for k, v in r.items() if k not in EXTRAS} for m, r in results.items()}
     calibration = {m: (r["nll"], r["ece"]) for m, r in results.items()}
-    labels = {m: m if r["batch_size"] == default else f"{m} (batch {r['batch_size']})" for m, r in results.items()}
+    labels = {m: label(m, r["batch_size"], default) for m, r in results.items()}
     return markdown(errors, calibration, labels)
 
 
@@ -427,8 +432,9 @@ def main(cfg: DictConfig) -> dict[str, dict[str, float]]:
         for m, method_rows in rows.items():
             for r in method_rows:
                 f.write(f"{m},{r['corruption']},{r['severity']},{r['error']:.3f},{r['nll']:.5f},{r['ece']:.5f}\n")
-    plot(rows, out_dir / "severity.png")
     artefact = report(cfg, rows, seconds, len(x_test), started)
+    batch = cfg.data.batch_size
+    plot(rows, out_dir / "severity.png", {m: label(m, r["batch_size"], batch) for m, r in artefact["results"].items()})
     (out_dir / "report.json").write_text(json.dumps(artefact, indent=1) + "\n")
     print(f"\n{readme_block(artefact)}\n")
     print(
