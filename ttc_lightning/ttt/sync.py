@@ -42,7 +42,11 @@ def settle(tensors: list[Tensor], counts: list[int]) -> None:
 
     The extra references are the process group's (its worker thread's work object); waiting for them means that
     no thread of the process group frees a tensor of ours after the collective returns. Sleeps release the GIL.
+    Not with NCCL: Lightning destroys NCCL groups at exit, while the interpreter is whole, and NCCL's watchdog keeps
+    a work and its tensors until it next polls, so waiting would slow every round.
     """
+    if dist.get_backend() == "nccl":
+        return
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while any(t._use_count() > count for t, count in zip(tensors, counts, strict=True)):
         if time.monotonic() > deadline:
