@@ -11,6 +11,11 @@ Usage:
                                               timeout), counts the runs that fail (exit code not 0, "terminate called"
                                               on stderr, a timeout) and prints the counts as JSON; with --json adds
                                               them under NAME to FILE (date, machine, versions, library commit).
+    python ddp_two_predicts.py --held N [--json FILE]
+                                              on 2 gloo processes, N all-reduces each with dist.all_reduce and N with
+                                              ttc's (settling) all_reduce: how often the process group still holds the
+                                              tensor when the call returns, and how long it takes to let go (label
+                                              "held_after_return").
 """
 
 import argparse
@@ -20,6 +25,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,11 +35,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ttc_lightning as ttc
+from ttc_lightning.ttt import sync
 
 SAMPLES, BATCH = 37, 5
 NAMES = ("tta", "tent")
@@ -178,6 +187,45 @@ def repeat(runs: int, control: bool, note: str, save: Callable[[dict], None]) ->
     return result
 
 
+def _held(rank: int, port: int, calls: int, queue) -> None:
+    """One rank of ``--held``: per variant, the calls that returned while the group still held the tensor, and the
+    longest wait until it let go."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    found = {}
+    for variant, reduce in (("dist.all_reduce", dist.all_reduce), ("ttc_lightning all_reduce", sync.all_reduce)):
+        held, longest = 0, 0.0
+        for _ in range(calls):
+            tensor = torch.zeros(4)
+            reduce(tensor)
+            if tensor._use_count() > 1:
+                held += 1
+                start = time.perf_counter()
+                while tensor._use_count() > 1:
+                    time.sleep(0)
+                longest = max(longest, time.perf_counter() - start)
+        found[variant] = {"held_after_return": held, "calls": calls, "longest_release_ms": round(1e3 * longest, 2)}
+        dist.barrier()
+    queue.put((rank, found))
+    dist.destroy_process_group()
+
+
+def held(calls: int) -> dict:
+    """Run :func:`_held` on 2 processes; per rank and variant, the counts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_held, args=(rank, port, calls, queue)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    found = dict(queue.get(timeout=TIMEOUT) for _ in processes)
+    for process in processes:
+        process.join()
+    return {f"rank{rank}": found[rank] for rank in sorted(found)}
+
+
 def record(path: Path, label: str, result: dict) -> None:
     """Add ``result`` under ``label`` to the JSON file ``path`` (locked: several series may write to it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,11 +250,17 @@ if __name__ == "__main__":
     parser.add_argument("out", nargs="?", type=Path, help="output folder (not with --repeat)")
     parser.add_argument("--control", action="store_true", help="no ttc callback")
     parser.add_argument("--repeat", type=int, help="launch the pattern this many times and count the failures")
+    parser.add_argument("--held", type=int, help="measure how often gloo holds an all-reduce's tensor after it returns")
     parser.add_argument("--label", default="ttc", help="name of the counts in --json")
     parser.add_argument("--json", type=Path, help="file to add the counts to")
     parser.add_argument("--note", default="", help="free text stored with the counts")
     args = parser.parse_args()
-    if args.repeat is not None:
+    if args.held is not None:
+        found = held(args.held)
+        print(json.dumps(found, indent=2))
+        if args.json is not None:
+            record(args.json, "held_after_return", found)
+    elif args.repeat is not None:
         json_path = args.json
 
         def save(result: dict) -> None:

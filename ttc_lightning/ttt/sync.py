@@ -15,11 +15,13 @@ nothing) until no rank has data left.
 Every collective of the library (these rounds and :class:`~ttc_lightning.PredictionWriter`'s broadcasts) returns only
 once the process group has let go of its tensors (:func:`settle`). A gloo worker thread marks a collective complete
 before it drops its own reference to the work and its tensors, so the call can return to Python while that thread
-still holds them: about 6 % of 2-rank gloo all-reduces on a loaded 2-core machine, for up to ~12 ms. The tensors'
-Python objects are then freed on that thread, which must take the GIL; if that falls on the interpreter's shutdown
-(the writer's broadcast is the last collective of a script that ends with ``trainer.predict``, and Lightning never
-destroys a gloo process group), CPython ends the thread with ``pthread_exit``, whose unwind through C++ ``noexcept``
-frames aborts the process with ``terminate called without an active exception``.
+still holds them (a quarter of 2-rank gloo all-reduces on a loaded 2-core machine, letting go up to 9 ms later:
+``held_after_return`` in benchmarks/results/ddp_two_predicts.json, from tests/ddp_two_predicts.py). The tensors'
+Python objects are then freed on that thread, which must take the GIL. A thread still waiting for the GIL when the
+interpreter starts to shut down (the writer's broadcast is the last collective of a script that ends with
+``trainer.predict``, and Lightning never destroys a gloo process group) is ended by CPython with ``pthread_exit``
+once it gets it, and that unwind through C++ ``noexcept`` frames can abort the process with ``terminate called
+without an active exception``.
 """
 
 import pickle
