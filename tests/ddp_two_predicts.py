@@ -1,6 +1,7 @@
 """Two DDP predicts in a row on 2 CPU processes (gloo), the pattern of issue 10: first TestTimeAugmentation("d4")
 with PredictionWriter, then episodic Tent (SGD, lr 0.01) with the same TTA and writer; 37 samples at batch size 5
-(rank 0: 19 samples, rank 1: 18). Run by tests/test_ddp_repeat.py.
+(rank 0: 19 samples, rank 1: 18). Run by tests/test_ddp_exit.py; its counts are in
+benchmarks/results/ddp_two_predicts.json.
 
 Usage:
     python ddp_two_predicts.py OUT            writes OUT/tta.pt and OUT/tent.pt (ttc.PredictionWriter)
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -86,7 +87,13 @@ class RankWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.path = path
 
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+    def write_on_epoch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        predictions: Sequence[torch.Tensor],
+        batch_indices: Sequence[Sequence[Sequence[int]]],
+    ) -> None:
         torch.save(
             {"prediction": torch.cat(predictions), "indices": torch.tensor([i for b in batch_indices[0] for i in b])},
             f"{self.path}.rank{trainer.global_rank}.pt",

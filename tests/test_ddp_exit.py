@@ -2,9 +2,10 @@
 
 A gloo worker thread marks a collective complete before it drops its own reference to the collective's tensors, so
 ``dist.broadcast`` / ``dist.all_reduce`` can return while that thread still holds them; their Python objects are then
-freed on that thread, which must take the GIL, and at interpreter shutdown CPython ends such a thread with
-``pthread_exit`` (``terminate called without an active exception``). ttc's collectives therefore return only once the
-process group has let go of their tensors.
+freed on that thread, which must take the GIL, and a thread still waiting for the GIL when the interpreter shuts down
+is ended with ``pthread_exit``, which can abort the process (``terminate called without an active exception``).
+ttc's collectives therefore return only once the process group has let go of their tensors
+(:func:`ttc_lightning.ttt.sync.settle`).
 
 Fast tests: a one-rank process group that completes every collective at once and, like a gloo worker, keeps a C++
 reference to its tensors for a while after (:class:`LateRelease`); when a ttc hook or collective returns, the group
@@ -12,11 +13,13 @@ must hold none of them. Slow test: the two-predict DDP pattern of the issue (tes
 in a row, each one's files equal to one process's predictions.
 """
 
+import datetime
 import functools
 import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -58,7 +61,7 @@ class LateRelease(dist.ProcessGroup):
     def held(self) -> int:
         return sum(from_ttc for _, from_ttc in list(self.holders))
 
-    def _late(self, tensors: list[torch.Tensor]):
+    def _late(self, tensors: list[torch.Tensor]) -> dist.Work:
         from_ttc = _from_ttc()
         self.collectives += from_ttc
         entry = ([to_dlpack(tensor) for tensor in tensors], from_ttc)
@@ -68,19 +71,19 @@ class LateRelease(dist.ProcessGroup):
         done.set_result(list(tensors))
         return _create_work_from_future(done)
 
-    def broadcast(self, tensor_list, opts=None):
+    def broadcast(self, tensor_list: list[torch.Tensor], opts: object = None) -> dist.Work:
         return self._late(tensor_list)
 
-    def allreduce(self, tensor_list, opts=None):
+    def allreduce(self, tensor_list: list[torch.Tensor], opts: object = None) -> dist.Work:
         return self._late(tensor_list)
 
-    def barrier(self, opts=None):
+    def barrier(self, opts: object = None) -> dist.Work:
         done = torch.futures.Future()
         done.set_result(None)
         return _create_work_from_future(done)
 
 
-def _create(store, rank: int, size: int, timeout) -> LateRelease:
+def _create(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> LateRelease:
     group = LateRelease(rank, size)
     CREATED.append(group)
     return group
@@ -90,7 +93,7 @@ CREATED: list[LateRelease] = []
 
 
 @pytest.fixture
-def late_group():
+def late_group() -> Iterator[LateRelease]:
     """A default process group of :class:`LateRelease`; the environment and thread count Lightning's DDP setup
     changes are restored afterwards."""
     if BACKEND not in dist.Backend.backend_list:
@@ -113,14 +116,16 @@ class Probe(L.Callback):
         self.group = group
         self.seen: dict[str, tuple[int, int]] = {}
 
-    def setup(self, trainer, pl_module, stage):
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.seen["setup"] = (self.group.collectives, self.group.held())
 
-    def teardown(self, trainer, pl_module, stage):
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.seen["teardown"] = (self.group.collectives, self.group.held())
 
 
-def test_writer_returns_only_once_the_process_group_let_go_of_its_tensors(late_group, tmp_path):
+def test_writer_returns_only_once_the_process_group_let_go_of_its_tensors(
+    late_group: LateRelease, tmp_path: Path
+) -> None:
     probe = Probe(late_group)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -138,7 +143,7 @@ def test_writer_returns_only_once_the_process_group_let_go_of_its_tensors(late_g
     assert torch.load(tmp_path / "p.pt").shape == (SAMPLES, 5)
 
 
-def test_sync_rounds_return_only_once_released(late_group):
+def test_sync_rounds_return_only_once_released(late_group: LateRelease) -> None:
     x = torch.randn(3, 2, 4)
     assert status(True, x, torch.device("cpu")) == (1, (2, 4))
     assert late_group.held() == 0
@@ -150,7 +155,7 @@ def test_sync_rounds_return_only_once_released(late_group):
     assert late_group.collectives == 2
 
 
-def test_broadcast_object_returns_rank_zeros_object_once_released(late_group):
+def test_broadcast_object_returns_rank_zeros_object_once_released(late_group: LateRelease) -> None:
     from ttc_lightning.ttt.sync import broadcast_object
 
     assert broadcast_object({"run": "abc", "n": 3}) == {"run": "abc", "n": 3}
@@ -179,7 +184,7 @@ def one_process() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_ddp_predicts_in_a_row_thirty_times():
+def test_two_ddp_predicts_in_a_row_thirty_times() -> None:
     """Each launch exits 0 without an abort, and writes what one process predicts (Tent is episodic: per batch)."""
     expected = one_process()
     for run in range(30):
