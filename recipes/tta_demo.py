@@ -1,10 +1,11 @@
 """Test-time augmentation on scikit-learn's digits: error before and after, on clean and shifted/noisy test sets.
 
 Trains a small CNN on 8x8 digits (deterministic), augmenting each training batch with a random view of the
-``shift x multiscale`` policy (TTA helps most when the views are ones the model was trained on), then predicts the held-out digits with ``trainer.predict`` and several ``TestTimeAugmentation``
-policies, and prints a markdown table of error rates (%) and negative log-likelihood. The ``shift`` policy is a
-transform registered with ``@ttc.register_transform``; ``hflip`` is there to show that a policy must suit the data
-(digits are not mirror-symmetric).
+``shift x multiscale`` policy (views the model has never seen rarely help), then predicts the held-out digits with
+``trainer.predict`` and several ``TestTimeAugmentation`` policies, and prints a markdown table of error rates (%) and
+negative log-likelihood. The ``shift`` policy is a transform registered with ``@ttc.register_transform``; ``hflip``
+is there to show that a policy must suit the data (digits are not mirror-symmetric). The results of a run are in
+``benchmarks/README.md``.
 
 Run: ``python recipes/tta_demo.py`` (after ``bash .ci/setup``); writes ``benchmarks/results/tta_demo.json`` (the
 results with the date, machine and versions; ``--artefact NAME`` for another name).
