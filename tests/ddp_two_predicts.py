@@ -236,7 +236,7 @@ def held(calls: int) -> dict:
 def record(path: Path, label: str, result: dict) -> None:
     """Add ``result`` under ``label`` to the JSON file ``path`` (locked: several series may write to it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         saved = json.loads(path.read_text()) if path.exists() else {"results": {}}
         saved.update(
