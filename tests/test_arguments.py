@@ -39,6 +39,8 @@ from ttc_lightning import stopping
 
 SGD = functools.partial(torch.optim.SGD, lr=0.5)
 STEP_LR = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.01)
+#: A warm-up: sets the first update's rate when built, so it acts even when each optimizer takes one update.
+WARMUP = functools.partial(torch.optim.lr_scheduler.LinearLR, start_factor=0.01, total_iters=10)
 DIR = "@DIR@"  # replaced by each run's own folder
 CLASSES = 3
 
@@ -175,7 +177,7 @@ GRADIENT_OPTIONS: dict[str, list[Trial]] = {
     "stages": [acts(("test",))],
 }
 EPISODIC = {  # the same options on an episodic preset (reset before every batch) with one step per batch
-    "scheduler": [refused(STEP_LR), acts(STEP_LR, episodic=False)],
+    "scheduler": [acts(WARMUP), acts(STEP_LR, episodic=False)],
     "reset_on_collapse": [refused(1e9), acts(1e9, episodic=False)],
     "reset_on_nonfinite": [refused(True, NAN), acts(True, NAN, episodic=False)],
 }
@@ -244,7 +246,11 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
             "norm_alpha": [refused(0.9), acts(0.9, norm="mix"), refused(0.9, GROUP_NORM, optimizer=SGD, norm="mix")],
             "norm_momentum": [refused(0.5), acts(0.5, norm="ema")],
             "steps": [refused(3), acts(3, optimizer=SGD)],
-            "scheduler": [refused(STEP_LR), acts(STEP_LR, optimizer=SGD), refused(STEP_LR, optimizer=SGD, reset=1)],
+            "scheduler": [
+                refused(STEP_LR),
+                acts(STEP_LR, optimizer=SGD),
+                acts(WARMUP, optimizer=SGD, reset=1, keep_adapted=True),
+            ],
             "clip_grad": [refused(1e-4), acts(1e-4, optimizer=SGD)],
             "clip_mode": [
                 refused("value"),

@@ -396,7 +396,6 @@ def test_gradient_options_without_an_optimizer(make, error, match):
         ),
         case("clip_mode", lambda: ttc.Tent(clip_mode="value"), ValueError, r"`clip_mode`='value' has no effect"),
         case("tol", lambda: ttc.Tent(tol=0.1, steps=2), ValueError, r"`tol`=0.1 has no effect: .*steps >= 3"),
-        case("scheduler", lambda: ttc.Tent(scheduler=len, episodic=True), ValueError, r"`scheduler`=.* no effect"),
         case("save_path", lambda: ttc.Tent(save_path="s.pt"), ValueError, r"`save_path`='s.pt' has no effect"),
         case("bn_keep", lambda: ttc.BatchNormAdapt(keep_adapted=True), ValueError, r"`keep_adapted`=True .*'ema'"),
         case("min_views", lambda: TTA(min_views=2), ValueError, r"`min_views`=2 has no effect: .*stop=None"),

@@ -64,8 +64,9 @@ class TestTimeTraining(TestTimeCallback):
         norm_alpha: source weight for ``norm="mix"`` (refused with another ``norm``). Default ``0.5``.
         norm_momentum: batch weight for ``norm="ema"`` (refused with another ``norm``). Default ``0.1``.
         steps: updates per batch. Default ``1``.
-        scheduler: a factory ``optimizer -> LR scheduler``, stepped after every update (refused when every optimizer
-            takes a single update: ``steps=1`` with ``reset="batch"``, or ``reset=1``). Default ``None``.
+        scheduler: a factory ``optimizer -> LR scheduler``, built with each optimizer and stepped after every update
+            (a warm-up such as ``LinearLR`` sets the first update's rate, so it acts even when each optimizer takes one
+            update). Default ``None``.
         clip_grad: gradient clipping threshold, or ``None``. Default ``None``.
         clip_mode: ``"norm"`` (total L2 norm of the adapted parameters) or ``"value"``; needs ``clip_grad``.
             Default ``"norm"``.
@@ -261,7 +262,6 @@ class TestTimeTraining(TestTimeCallback):
             norm_alpha=norm_alpha,
             norm_momentum=norm_momentum,
             steps=steps,
-            scheduler=scheduler,
             clip_grad=clip_grad,
             clip_mode=clip_mode,
             tol=tol,
@@ -652,7 +652,6 @@ def _check_combinations(
     norm_alpha: float,
     norm_momentum: float,
     steps: int,
-    scheduler: SchedulerFactory | None,
     clip_grad: float | None,
     clip_mode: str,
     tol: float | None,
@@ -682,14 +681,6 @@ def _check_combinations(
             f"spare a step after the second one, and steps={steps}"
         )
         check_unused("tol", tol, None, why, "Use steps >= 3 or drop it")
-    per_update = reset == 1 or (reset == "batch" and steps == 1)
-    if per_update:
-        why = (
-            f"with reset={reset!r} and steps={steps} every optimizer takes a single update before a reset replaces "
-            "it (and its scheduler) with a fresh one, so no update ever sees a scheduled learning rate"
-        )
-        remedy = "Use steps > 1, or a reset that spans several updates (reset='never'; episodic=False in a preset)"
-        check_unused("scheduler", scheduler, None, why, remedy)
     if reset == "batch" or reset == 1:
         when = "before every batch" if reset == "batch" else "after every update"
         kind = " (episodic)" if reset == "batch" else ""
