@@ -60,8 +60,10 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The committed artefacts of the benchmark.
 RESULTS = ROOT / "benchmarks" / "results"
 #: The settings that decide the numbers: a committed artefact is compared with a run only when these agree.
-SETTINGS = ("data", "model", "methods", "suite", "batch_sizes", "fisher", "corruptions", "severities")
-SETTINGS += ("table_severity", "stream", "seed", "subset", "train", "threads")
+SETTINGS = (
+    *("data", "model", "methods", "suite", "batch_sizes", "method_severities", "fisher", "corruptions", "severities"),
+    *("table_severity", "stream", "seed", "subset", "train", "threads"),
+)
 #: Short column names, as in RobustBench's tables.
 SHORT = {
     "gaussian_noise": "gauss",
