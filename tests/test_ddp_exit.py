@@ -184,7 +184,7 @@ def one_process() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # 30 launches: ~16 s each on an idle 2-core machine, ~1-2 min on a loaded one
+@pytest.mark.timeout(3600)  # 30 launches; seconds_per_run_mean in benchmarks/results/ddp_two_predicts.json
 def test_two_ddp_predicts_in_a_row_thirty_times() -> None:
     """Each launch exits 0 without an abort, and writes what one process predicts (Tent is episodic: per batch)."""
     expected = one_process()
