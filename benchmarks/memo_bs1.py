@@ -10,17 +10,12 @@ source model, MEMO at batch 1 and MEMO at the main job's batch size, so that the
 images. Error % per segment and the mean over the corruptions go to ``benchmarks/results/memo_bs1.json``.
 """
 
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +26,6 @@ import benchmark  # noqa: E402  (the recipes' folder, put on the path above)
 from loaders import load  # noqa: E402
 from select_hparams import config  # noqa: E402
 
-import ttc_lightning as ttc  # noqa: E402
 from ttc_lightning.data import CORRUPTIONS, Shift, stream  # noqa: E402
 
 #: Images kept from the start of every segment.
@@ -88,20 +82,10 @@ def render(artefact: dict[str, Any]) -> str:
 
 def main() -> None:
     overrides = sys.argv[1:]
-    load_at_start, started = benchmark.load_average(), time.perf_counter()
+    started = (time.perf_counter(), benchmark.load_average())
     results = run(overrides)
     artefact = {
-        "command": " ".join([".venv/bin/python benchmarks/memo_bs1.py", *overrides]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": benchmark.cpu_model(), "cores": len(os.sched_getaffinity(0))},
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "ttc_lightning": ttc.__version__,
-        },
-        "load_average": {"start": load_at_start, "end": benchmark.load_average()},
-        "seconds": round(time.perf_counter() - started, 1),
+        **benchmark.provenance("benchmarks/memo_bs1.py", overrides, started),
         **results,
     }
     if overrides:

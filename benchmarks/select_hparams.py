@@ -15,17 +15,12 @@ value. The choice is then written by hand into ``configs/ttc/ttt/eata.yaml``; ``
 the config holds what the artefact chose.
 """
 
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,7 +30,6 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import benchmark  # noqa: E402  (the recipes' folder, put on the path above)
 from loaders import load  # noqa: E402
 
-import ttc_lightning as ttc  # noqa: E402
 from ttc_lightning.data import VALIDATION_CORRUPTIONS, Shift, stream  # noqa: E402
 
 #: The hyperparameter swept, its paper value and the candidates.
@@ -111,20 +105,10 @@ def main() -> None:
     overrides = sys.argv[1:]
     cfg = config(overrides)
     benchmark.setup(cfg)
-    load_at_start, started = benchmark.load_average(), time.perf_counter()
+    started = (time.perf_counter(), benchmark.load_average())
     results = select(cfg)
     artefact = {
-        "command": " ".join([".venv/bin/python benchmarks/select_hparams.py", *overrides]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": benchmark.cpu_model(), "cores": len(os.sched_getaffinity(0))},
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "ttc_lightning": ttc.__version__,
-        },
-        "load_average": {"start": load_at_start, "end": benchmark.load_average()},
-        "seconds": round(time.perf_counter() - started, 1),
+        **benchmark.provenance("benchmarks/select_hparams.py", overrides, started),
         "settings": benchmark.settings(cfg),
         **results,
     }

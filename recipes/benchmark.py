@@ -292,6 +292,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def provenance(script: str, overrides: Sequence[str], started: tuple[float, list[float]]) -> dict[str, Any]:
+    """Where an artefact comes from: the command (``script`` and its ``overrides``), date, machine, versions, load
+    average and wall time since ``started`` (``time.perf_counter()`` and :func:`load_average` at the start)."""
+    return {
+        "command": " ".join([f".venv/bin/python {script}", *overrides]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "ttc_lightning": ttc.__version__,
+        },
+        "load_average": {"start": started[1], "end": load_average()},
+        "seconds": round(time.perf_counter() - started[0], 1),
+    }
+
+
 def settings(cfg: DictConfig) -> dict[str, Any]:
     """The configuration that decides the numbers (:data:`SETTINGS`, the trainer; no cache path, no progress bar)."""
     out = {
@@ -325,21 +347,7 @@ def report(
         }
     overrides = list(HydraConfig.get().overrides.task)
     return {
-        "command": " ".join([".venv/bin/python recipes/benchmark.py", *overrides]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "ttc_lightning": ttc.__version__,
-        },
-        "load_average": {"start": started[1], "end": load_average()},
-        "seconds": round(time.perf_counter() - started[0], 1),
+        **provenance("recipes/benchmark.py", overrides, started),
         "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
         "settings": settings(cfg),
         "samples": samples,
