@@ -183,8 +183,8 @@ class Augmenter:
         if len(self.views) == 1:
             one = f"transforms={transforms!r} gives a single view"
             if merge in ("sum", "max", "min", "median", "gmean"):
-                why = f"{one}, and merge={merge!r} of one output is that output (as the default 'mean')"
-                check_unused("merge", merge, "mean", why, "Use several views or drop it")
+                why = f"{one}, and merge={merge!r} of one output equals merge='mean' in the same `space`"
+                check_unused("merge", merge, "mean", why, "Use several views, or `space` to change the output's space")
             why = f"{one}, which is always one forward"
             check_unused("chunk_size", chunk_size, "auto", why, "Use several views or drop it")
         self._plans: dict[tuple[Size, int | None], list[list[View]]] = {}
