@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ttc_lightning.checks import check_int
+from ttc_lightning.ops.entropy import entropy_of_probs
 
 __all__ = [
     "AllOf",
@@ -146,8 +147,7 @@ class Entropy(StoppingRule):
         return -self.score(trace) <= self.threshold
 
     def score(self, trace: Trace) -> Tensor:
-        p = _probs(trace)
-        return (p * p.clamp(min=torch.finfo(p.dtype).tiny).log()).sum(1)
+        return -entropy_of_probs(_probs(trace))
 
     def __repr__(self) -> str:
         return f"Entropy({self.threshold})"

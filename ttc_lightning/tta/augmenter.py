@@ -9,10 +9,11 @@ from torch import Tensor
 
 from ttc_lightning.checks import check_bool, check_choice, check_int, check_unused
 from ttc_lightning.halting import Draws, HaltingStats, halt
+from ttc_lightning.ops.activations import ACTIVATIONS
 from ttc_lightning.stopping import StoppingRule
 from ttc_lightning.tta import functional as F
 from ttc_lightning.tta.functional import Size
-from ttc_lightning.tta.merge import ACTIVATIONS, MERGES, SPACES, Merger, default_space
+from ttc_lightning.tta.merge import MERGES, SPACES, Merger, default_space
 from ttc_lightning.tta.transforms import TransformSpec, View, expand, resolve_transforms
 from ttc_lightning.tta.uncertainty import UNCERTAINTIES, UncertaintyAccumulator
 

@@ -20,9 +20,10 @@ its argmax is the majority class, ties broken by the mean probability.
 import torch
 from torch import Tensor
 
+from ttc_lightning.ops.activations import log_probs, logits_from_log_probs, probs
+
 MERGES = ("mean", "sum", "max", "min", "median", "gmean", "tsharpen", "vote")
 SPACES = ("raw", "prob", "logprob")
-ACTIVATIONS = ("softmax", "sigmoid")
 #: Merges that need a class dimension.
 CLASS_MERGES = ("vote",)
 
@@ -32,28 +33,11 @@ def default_space(merge: str) -> str:
     return "prob" if merge in ("gmean", "tsharpen", "vote") else "raw"
 
 
-def log_probs(y: Tensor, activation: str, dim: int) -> Tensor:
-    """Log-probabilities of logits ``y``."""
-    return torch.log_softmax(y, dim) if activation == "softmax" else torch.nn.functional.logsigmoid(y)
-
-
-def probs(y: Tensor, activation: str, dim: int) -> Tensor:
-    """Probabilities of logits ``y``."""
-    return torch.softmax(y, dim) if activation == "softmax" else torch.sigmoid(y)
-
-
 def to_space(y: Tensor, space: str, activation: str, dim: int) -> Tensor:
     """Values of raw outputs ``y`` in ``space``."""
     if space == "raw":
         return y
     return probs(y, activation, dim) if space == "prob" else log_probs(y, activation, dim)
-
-
-def logits_from_log_probs(log_p: Tensor, activation: str) -> Tensor:
-    """Logits whose activation gives ``exp(log_p)``: ``log_p`` itself for softmax, ``log(p / (1 - p))`` for sigmoid."""
-    if activation == "softmax":
-        return log_p
-    return log_p - torch.log(-torch.expm1(log_p.clamp(max=-torch.finfo(log_p.dtype).tiny)))
 
 
 class Merger:

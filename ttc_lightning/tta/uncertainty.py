@@ -13,16 +13,11 @@ output's (sigmoid, per label).
 import torch
 from torch import Tensor
 
-from ttc_lightning.tta.merge import log_probs, probs, to_space
+from ttc_lightning.ops.activations import log_probs, probs
+from ttc_lightning.ops.entropy import entropy_of_probs
+from ttc_lightning.tta.merge import to_space
 
 UNCERTAINTIES = ("std", "entropy", "mutual_info", "agreement")
-
-
-def _entropy(p: Tensor, log_p: Tensor, activation: str, dim: int) -> Tensor:
-    if activation == "softmax":
-        return -(p * log_p).sum(dim)
-    log_q = torch.log1p(-p.clamp(max=1 - torch.finfo(p.dtype).eps))
-    return -(p * log_p + (1 - p) * log_q)
 
 
 def _decision(values: Tensor, activation: str, dim: int) -> Tensor:
@@ -59,7 +54,7 @@ class UncertaintyAccumulator:
             p, log_p = probs(ys, self.activation, 2), log_probs(ys, self.activation, 2)
             self.prob_total = p.sum(0) if self.prob_total is None else self.prob_total + p.sum(0)
             if "mutual_info" in self.names:
-                h = _entropy(p, log_p, self.activation, 2).sum(0)
+                h = entropy_of_probs(p, log_p, self.activation, 2).sum(0)
                 self.entropy_total = h if self.entropy_total is None else self.entropy_total + h
         if "agreement" in self.names:
             votes = self._votes(ys)
@@ -87,7 +82,7 @@ class UncertaintyAccumulator:
             out["std"] = (self.m2 / self.count).clamp(min=0).sqrt()
         if self.prob_total is not None:
             p_mean = self.prob_total / self.count
-            h_mean = _entropy(p_mean, p_mean.clamp(min=torch.finfo(p_mean.dtype).tiny).log(), self.activation, 1)
+            h_mean = entropy_of_probs(p_mean, activation=self.activation, dim=1)
             if "entropy" in self.names:
                 out["entropy"] = h_mean
             if "mutual_info" in self.names:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ttc_lightning.checks import check_int, check_range, check_unused
+from ttc_lightning.ops.entropy import soft_cross_entropy
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
 from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
@@ -146,7 +147,7 @@ class CoTTA(TestTimeTraining):
                     views = self.augment(x.repeat(self.views, *[1] * (x.ndim - 1))).chunk(self.views)
                     target = torch.stack([forward(view, *args, **kwargs) for view in views]).mean(0)
         student = forward(x, *args, **kwargs)
-        loss = -(target.softmax(1) * student.log_softmax(1)).sum(1).mean()
+        loss = soft_cross_entropy(student, target).mean()
         return Loss(loss), target
 
     def after_update(self) -> None:

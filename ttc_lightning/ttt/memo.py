@@ -1,13 +1,13 @@
 """``MEMO``: marginal entropy minimisation with one test point (Zhang, Levine and Finn, NeurIPS 2022)."""
 
 import functools
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ttc_lightning.checks import check_bool, check_int, check_range, check_unused
+from ttc_lightning.ops import entropy as ops_entropy
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
 from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
@@ -19,8 +19,7 @@ from ttc_lightning.ttt.params import ParamSpec
 
 def marginal_entropy(logits: Tensor) -> Tensor:
     """Mean over samples of the entropy of the views' average probability; ``logits`` is ``(views, B, C)``."""
-    log_marginal = torch.logsumexp(torch.log_softmax(logits.float(), 2), 0) - math.log(logits.shape[0])
-    return -(log_marginal.exp() * log_marginal).sum(1).mean()
+    return ops_entropy.marginal_entropy(logits).mean()
 
 
 class MEMO(TestTimeTraining):

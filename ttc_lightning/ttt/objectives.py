@@ -8,8 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from ttc_lightning.ops import entropy as ops_entropy
 
 
 def check_logits(output: Any, owner: str) -> Tensor:
@@ -25,10 +26,9 @@ def check_logits(output: Any, owner: str) -> Tensor:
 
 
 def entropy(logits: Tensor, dim: int = 1) -> Tensor:
-    """Shannon entropy (nats) of ``softmax(logits)`` along ``dim``, per sample: ``-(p * log p).sum(dim)``."""
-    check_logits(logits, "The entropy objective")
-    log_p = torch.log_softmax(logits.float(), dim)
-    return -(log_p.exp() * log_p).sum(dim)
+    """Shannon entropy (nats) of ``softmax(logits)`` along ``dim``, per sample, of ``logits`` checked to be class
+    logits (:func:`ttc_lightning.ops.entropy.entropy`)."""
+    return ops_entropy.entropy(check_logits(logits, "The entropy objective"), dim)
 
 
 @dataclass

@@ -1,0 +1,10 @@
+"""The neutral layer of shared tensor operations.
+
+Test-time augmentation (``ttc_lightning.tta``), adaptation (``ttc_lightning.ttt``), iterative inference and the
+per-sample halting and stopping rules all build on these modules, and these modules import none of them (only
+torch and ``ttc_lightning.checks``):
+
+* :mod:`~ttc_lightning.ops.activations`: class probabilities under softmax or sigmoid, and back to logits.
+* :mod:`~ttc_lightning.ops.entropy`: entropy, marginal entropy and soft cross-entropy (the only place entropy is
+  written).
+"""
