@@ -1,7 +1,9 @@
 """The package's layering, read from its source: who may import whom, and where entropy is written.
 
 The neutral layer ``ttc_lightning.ops`` (shared tensor operations) imports no other part of the package but
-``checks``; the entropy formula ``p * log p`` appears only in ``ttc_lightning/ops/entropy.py``.
+``checks``. Stopping rules and halting build on ``ops``, augmentation (``tta``) on them; ``tta`` imports neither
+adaptation (``ttt``) nor iterative inference, and those two do not import each other. The entropy formula
+``p * log p`` appears only in ``ttc_lightning/ops/entropy.py``.
 """
 
 import ast
@@ -38,6 +40,24 @@ def imports(tree: ast.Module) -> set[str]:
 
 def in_layer(module: str, layer: str) -> bool:
     return module == layer or module.startswith(layer + ".")
+
+
+#: What each part of the package must not import: strategies build on the core and ``ops``, never on each other.
+FORBIDDEN = {
+    "ttc_lightning.stopping": ("ttc_lightning.tta", "ttc_lightning.ttt", "ttc_lightning.iterative"),
+    "ttc_lightning.halting": ("ttc_lightning.tta", "ttc_lightning.ttt", "ttc_lightning.iterative"),
+    "ttc_lightning.tta": ("ttc_lightning.ttt", "ttc_lightning.iterative"),
+    "ttc_lightning.ttt": ("ttc_lightning.iterative", "ttc_lightning.halting"),
+    "ttc_lightning.iterative": ("ttc_lightning.ttt",),
+}
+
+
+def test_strategies_and_halting_import_only_what_their_layer_allows():
+    for name, tree in modules().items():
+        for layer, forbidden in FORBIDDEN.items():
+            if in_layer(name, layer):
+                bad = sorted(m for m in imports(tree) if any(in_layer(m, f) for f in forbidden))
+                assert not bad, f"{name} imports {bad}"
 
 
 def test_ops_imports_only_ops_and_checks():

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ttc_lightning.ops.merge import Merger
+from ttc_lightning.ops.uncertainty import UncertaintyAccumulator
 from ttc_lightning.stopping import StoppingRule, Trace
-from ttc_lightning.tta.merge import Merger
-from ttc_lightning.tta.uncertainty import UncertaintyAccumulator
 
 #: The name under which samples that ran ``max_iters`` without their rule holding are counted.
 MAX_ITERS = "max_iters"

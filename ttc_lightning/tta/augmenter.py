@@ -10,12 +10,12 @@ from torch import Tensor
 from ttc_lightning.checks import check_bool, check_choice, check_int, check_unused
 from ttc_lightning.halting import Draws, HaltingStats, halt
 from ttc_lightning.ops.activations import ACTIVATIONS
+from ttc_lightning.ops.merge import MERGES, SPACES, Merger, default_space
+from ttc_lightning.ops.uncertainty import UNCERTAINTIES, UncertaintyAccumulator
 from ttc_lightning.stopping import StoppingRule
 from ttc_lightning.tta import functional as F
 from ttc_lightning.tta.functional import Size
-from ttc_lightning.tta.merge import MERGES, SPACES, Merger, default_space
 from ttc_lightning.tta.transforms import TransformSpec, View, expand, resolve_transforms
-from ttc_lightning.tta.uncertainty import UNCERTAINTIES, UncertaintyAccumulator
 
 TASKS = ("classification", "segmentation", "keypoints", "boxes")
 CLASS_TASKS = ("classification", "segmentation")
@@ -77,7 +77,7 @@ class Augmenter:
         task: ``classification`` (outputs unchanged), ``segmentation`` (dense ``(B, C, H, W)`` outputs mapped
             back), ``keypoints`` (``(B, K, 2+)`` ``(x, y)`` pixel coordinates) or ``boxes`` (``(B, N, 4+)`` xyxy).
             Default ``"classification"``.
-        space: ``raw``, ``prob`` or ``logprob`` (see :mod:`ttc_lightning.tta.merge`); ``None`` picks ``raw``, or
+        space: ``raw``, ``prob`` or ``logprob`` (see :mod:`ttc_lightning.ops.merge`); ``None`` picks ``raw``, or
             ``prob`` for ``gmean``, ``tsharpen`` and ``vote``. Default ``None``.
         activation: ``softmax`` over dim 1 or ``sigmoid`` (multi-label), for ``prob``/``logprob``, ``vote`` and
             the class uncertainty measures (refused with ``space="raw"`` and no class measure, where it has no
@@ -88,7 +88,7 @@ class Augmenter:
         flip_pairs: pairs of keypoint indices swapped in mirrored views (task ``keypoints``; refused when no view
             mirrors). Default ``None``.
         uncertainty: ``True`` for every measure the task supports, or names among ``std``, ``entropy``,
-            ``mutual_info``, ``agreement`` (see :mod:`ttc_lightning.tta.uncertainty`). Default ``None``.
+            ``mutual_info``, ``agreement`` (see :mod:`ttc_lightning.ops.uncertainty`). Default ``None``.
         chunk_size: views per forward call: ``None`` stacks every view of a shape into one forward, an int bounds
             it, ``"auto"`` uses 1 on CPU (the memory of one plain forward; its speed against stacking on CPU is
             in ``benchmarks/README.md``) and ``None`` on accelerators (an assumption: no GPU run has been measured).

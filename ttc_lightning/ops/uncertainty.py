@@ -1,4 +1,4 @@
-"""Uncertainty across views, accumulated in constant memory in the number of views.
+"""Uncertainty across views (augmented views, sampling draws), accumulated in constant memory in the number of views.
 
 * ``std``: element-wise standard deviation across views (population, ``correction=0``) of the values in the merge
   space; same shape as the output. Works for every task.
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ttc_lightning.ops.activations import log_probs, probs
 from ttc_lightning.ops.entropy import entropy_of_probs
-from ttc_lightning.tta.merge import to_space
+from ttc_lightning.ops.merge import to_space
 
 UNCERTAINTIES = ("std", "entropy", "mutual_info", "agreement")
 

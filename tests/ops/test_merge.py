@@ -7,8 +7,8 @@ from torch import nn
 from view_tables import table_tta
 
 import ttc_lightning as ttc
+from ttc_lightning.ops.merge import MERGES, Merger
 from ttc_lightning.tta.augmenter import Augmenter
-from ttc_lightning.tta.merge import MERGES, Merger
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 TTACH_ALIASES = {

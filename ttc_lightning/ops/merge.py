@@ -1,5 +1,6 @@
-"""Running merges of de-augmented view outputs, in constant memory in the number of views (``median`` excepted).
+"""Running merges of view outputs, in constant memory in the number of views (``median`` excepted).
 
+A view is one output per sample: a de-augmented test-time augmentation view, or one draw of iterative sampling.
 Views arrive in stacks ``(k, *output_shape)``. The class dimension is dim 1 of the output (``(B, C)`` for
 classification, ``(B, C, H, W)`` for segmentation).
 

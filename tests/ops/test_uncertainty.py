@@ -7,8 +7,8 @@ from torch import nn
 from view_tables import table_tta
 
 import ttc_lightning as ttc
+from ttc_lightning.ops.uncertainty import UNCERTAINTIES, UncertaintyAccumulator
 from ttc_lightning.tta.augmenter import Augmenter
-from ttc_lightning.tta.uncertainty import UNCERTAINTIES, UncertaintyAccumulator
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 CHUNKS = (1, 2, None)
