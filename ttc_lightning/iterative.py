@@ -13,9 +13,10 @@ from ttc_lightning.callback import TestTimeCallback
 from ttc_lightning.checks import check_bool, check_choice, check_int, check_unused
 from ttc_lightning.halting import Draws, HaltingStats, halt, put_rows, select_rows, tree_map
 from ttc_lightning.ops.merge import SPACES, Merger
+from ttc_lightning.ops.seeding import seeded_generator
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.stopping import StoppingRule
-from ttc_lightning.tta.augmix import RandomAugment, process_rank
+from ttc_lightning.tta.augmix import RandomAugment
 
 MODES = ("refine", "sample")
 
@@ -234,7 +235,7 @@ class IterativeInference(TestTimeCallback):
                 f"{type(context.module).__name__} has no dropout while `augment` (a RandomAugment) draws from its own "
                 "generator. Seed the augmentation instead (RandomAugment(seed=...)), or drop seed."
             )
-        generator = torch.Generator().manual_seed(self.seed + process_rank())
+        generator = seeded_generator(self.seed, per_rank=True)
         reseed = getattr(self.augment, "reseed", None)
         if callable(reseed):
             reseed()

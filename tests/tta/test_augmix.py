@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ttc_lightning as ttc
-import ttc_lightning.tta.augmix as augmix
+from ttc_lightning.ops import seeding
 from ttc_lightning.tta.augmix import OPERATIONS, RandomAugment
 
 
@@ -154,7 +154,7 @@ def test_seeded_per_rank(monkeypatch):
     x = batch()
     rank0 = RandomAugment(seed=0)(x)
     seed1 = RandomAugment(seed=1)(x)
-    monkeypatch.setattr(augmix, "process_rank", lambda: 1)
+    monkeypatch.setattr(seeding, "process_rank", lambda: 1)
     rank1 = RandomAugment(seed=0)(x)
     assert not torch.allclose(rank1, rank0)
     assert torch.equal(rank1, seed1)
@@ -164,7 +164,7 @@ def test_rank_is_read_when_the_generator_is_first_used(monkeypatch):
     """Built in the parent process (rank unknown), seeded in the worker: the rank of first use counts."""
     expected = RandomAugment(seed=3)(batch())  # rank 0
     augment = RandomAugment(seed=0)
-    monkeypatch.setattr(augmix, "process_rank", lambda: 3)
+    monkeypatch.setattr(seeding, "process_rank", lambda: 3)
     assert torch.equal(augment(batch()), expected)
 
 

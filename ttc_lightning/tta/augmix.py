@@ -13,13 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ttc_lightning.checks import check_int, check_positive, check_range
+from ttc_lightning.ops.seeding import seeded_generator
 
 OPERATIONS = ("rotate", "shear", "translate", "scale", "hflip", "brightness", "contrast", "blur", "noise")
-
-
-def process_rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
 
 
 def check_image_batch(x: Any, owner: str, hint: str = "") -> None:
@@ -58,7 +54,7 @@ class RandomAugment:
     def rng(self) -> torch.Generator:
         """The generator (seeded with ``seed + rank`` on first use)."""
         if self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.seed + process_rank())
+            self.generator = seeded_generator(self.seed, per_rank=True)
         return self.generator
 
     def reseed(self) -> None:

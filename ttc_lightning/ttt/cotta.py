@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ttc_lightning.checks import check_int, check_range, check_unused
 from ttc_lightning.ops.entropy import soft_cross_entropy
+from ttc_lightning.ops.seeding import seeded_generator
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
 from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
@@ -125,7 +126,7 @@ class CoTTA(TestTimeTraining):
 
     def prepare(self, context: Context) -> None:
         # The same stream of restore masks on every rank, so that synchronized ranks stay identical.
-        self.mask_generator = torch.Generator().manual_seed(self.augment.seed)
+        self.mask_generator = seeded_generator(self.augment.seed)
         self.augment.reseed()
         self.reset_state()
 
