@@ -4,8 +4,8 @@ from ttc_lightning import data, stopping
 from ttc_lightning.callback import TestTimeCallback
 from ttc_lightning.iterative import IterativeInference
 from ttc_lightning.mixin import TestTimeComputeMixin
+from ttc_lightning.ops.augmix import RandomAugment
 from ttc_lightning.tta.augmenter import Augmenter
-from ttc_lightning.tta.augmix import RandomAugment
 from ttc_lightning.tta.callback import TestTimeAugmentation
 from ttc_lightning.tta.transforms import (
     Add,

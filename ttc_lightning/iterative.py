@@ -12,11 +12,11 @@ from typing_extensions import override
 from ttc_lightning.callback import TestTimeCallback
 from ttc_lightning.checks import check_bool, check_choice, check_int, check_unused
 from ttc_lightning.halting import Draws, HaltingStats, halt, put_rows, select_rows, tree_map
+from ttc_lightning.ops.augmix import RandomAugment
 from ttc_lightning.ops.merge import SPACES, Merger
 from ttc_lightning.ops.seeding import seeded_generator
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.stopping import StoppingRule
-from ttc_lightning.tta.augmix import RandomAugment
 
 MODES = ("refine", "sample")
 

@@ -10,4 +10,6 @@ torch and ``ttc_lightning.checks``). ``tests/test_layering.py`` checks the impor
 * :mod:`~ttc_lightning.ops.merge`: running merges of stacks of view outputs (``mean``, ``gmean``, ``vote``, ...).
 * :mod:`~ttc_lightning.ops.uncertainty`: running uncertainty measures across views (``std``, ``entropy``, ...).
 * :mod:`~ttc_lightning.ops.seeding`: seeded random generators, optionally distinct per distributed process.
+* :mod:`~ttc_lightning.ops.augmix`: ``RandomAugment``, seeded random views of image batches (MEMO, CoTTA, iterative
+  sampling).
 """

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from ttc_lightning.checks import check_int, check_range, check_unused
+from ttc_lightning.ops.augmix import RandomAugment, check_image_batch
 from ttc_lightning.ops.entropy import soft_cross_entropy
 from ttc_lightning.ops.seeding import seeded_generator
 from ttc_lightning.pipeline import Context, Forward
-from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
 from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec

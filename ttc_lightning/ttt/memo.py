@@ -8,9 +8,9 @@ from torch import Tensor
 
 from ttc_lightning.checks import check_bool, check_int, check_range, check_unused
 from ttc_lightning.ops import entropy as ops_entropy
+from ttc_lightning.ops.augmix import RandomAugment, check_image_batch
 from ttc_lightning.pipeline import Context, Forward
 from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
-from ttc_lightning.tta.augmix import RandomAugment, check_image_batch
 from ttc_lightning.tta.transforms import TransformSpec
 from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, check_logits
@@ -25,7 +25,7 @@ def marginal_entropy(logits: Tensor) -> Tensor:
 class MEMO(TestTimeTraining):
     """MEMO: minimise the entropy of the prediction averaged over random augmentations of each input.
 
-    Per batch: ``views`` random AugMix-style views of every input (:class:`~ttc_lightning.tta.augmix.RandomAugment`),
+    Per batch: ``views`` random AugMix-style views of every input (:class:`~ttc_lightning.ops.augmix.RandomAugment`),
     loss = mean over inputs of ``H(mean over views of softmax)``, one update of all parameters, then the prediction
     is a forward of the original input through the updated model (MEMO predicts after its update: one extra
     forward); episodic by default (reset to the source before every batch). The paper adapts one test point at a

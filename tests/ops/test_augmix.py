@@ -5,7 +5,7 @@ import torch
 
 import ttc_lightning as ttc
 from ttc_lightning.ops import seeding
-from ttc_lightning.tta.augmix import OPERATIONS, RandomAugment
+from ttc_lightning.ops.augmix import OPERATIONS, RandomAugment
 
 
 def batch(n=6, c=3, h=9, w=7, seed=0, dtype=torch.float32):

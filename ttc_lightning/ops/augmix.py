@@ -1,8 +1,8 @@
 """``RandomAugment``: seeded AugMix-style random augmentation of image batches, in torch.
 
-Serves the methods that need random views (MEMO's marginal entropy, CoTTA's augmentation-averaged teacher). Every
-operation is range-agnostic, so it works on normalised inputs: magnitudes of photometric operations are relative to
-each image's own mean and standard deviation.
+Serves the methods that need random views (MEMO's marginal entropy, CoTTA's augmentation-averaged teacher, the
+draws of iterative inference's sampling mode). Every operation is range-agnostic, so it works on normalised inputs:
+magnitudes of photometric operations are relative to each image's own mean and standard deviation.
 """
 
 import math
