@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from ttc_lightning.checks import check_int
 from ttc_lightning.ops.entropy import entropy_of_probs
@@ -103,69 +104,97 @@ def _fraction(name: str, value: float, low: float = 0.0, high: float = 1.0) -> f
 
 
 class Confidence(StoppingRule):
-    """Stop when the running mean's top class probability reaches ``threshold``."""
+    """Stop when the running mean's top class probability reaches ``threshold``.
+
+    Raises:
+        ValueError: ``threshold`` is not a number in ``[0, 1]``.
+    """
 
     def __init__(self, threshold: float = 0.9) -> None:
         self.threshold = _fraction("threshold", threshold)
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return self.score(trace) >= self.threshold
 
+    @override
     def score(self, trace: Trace) -> Tensor:
         return _probs(trace).amax(1)
 
+    @override
     def __repr__(self) -> str:
         return f"Confidence({self.threshold})"
 
 
 class Margin(StoppingRule):
-    """Stop when the running mean's top-1 minus top-2 probability reaches ``threshold``."""
+    """Stop when the running mean's top-1 minus top-2 probability reaches ``threshold``.
+
+    Raises:
+        ValueError: ``threshold`` is not a number in ``[0, 1]``.
+    """
 
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = _fraction("threshold", threshold)
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return self.score(trace) >= self.threshold
 
+    @override
     def score(self, trace: Trace) -> Tensor:
         top = _probs(trace).topk(2, dim=1).values
         return top[:, 0] - top[:, 1]
 
+    @override
     def __repr__(self) -> str:
         return f"Margin({self.threshold})"
 
 
 class Entropy(StoppingRule):
-    """Stop when the entropy (nats) of the running mean falls to ``threshold`` or below."""
+    """Stop when the entropy (nats) of the running mean falls to ``threshold`` or below.
+
+    Raises:
+        ValueError: ``threshold`` is not a non-negative number.
+    """
 
     def __init__(self, threshold: float = 0.2) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold < 0:
             raise ValueError(f"`threshold`={threshold!r} must be a non-negative number of nats.")
         self.threshold = float(threshold)
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return -self.score(trace) <= self.threshold
 
+    @override
     def score(self, trace: Trace) -> Tensor:
         return -entropy_of_probs(_probs(trace))
 
+    @override
     def __repr__(self) -> str:
         return f"Entropy({self.threshold})"
 
 
 class Stable(StoppingRule):
-    """Stop when the argmax of the running mean has not changed over the last ``patience`` iterations."""
+    """Stop when the argmax of the running mean has not changed over the last ``patience`` iterations.
+
+    Raises:
+        ValueError: ``patience`` is not an integer >= 1.
+    """
 
     def __init__(self, patience: int = 2) -> None:
         self.patience = check_int("patience", patience, 1)
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return self.score(trace) >= self.patience
 
+    @override
     def score(self, trace: Trace) -> Tensor:
         assert trace.stable is not None
         return trace.stable.float()
 
+    @override
     def __repr__(self) -> str:
         return f"Stable({self.patience})"
 
@@ -173,7 +202,11 @@ class Stable(StoppingRule):
 class Converged(StoppingRule):
     """Stop when the estimate's relative L2 change, ``||y_t - y_{t-1}|| / ||y_{t-1}||`` per sample, is at most
     ``tol`` (never after the first iteration). The estimate is the refined output in refinement, the running mean
-    of the outputs when iterations are draws. Works on outputs of any shape."""
+    of the outputs when iterations are draws. Works on outputs of any shape.
+
+    Raises:
+        ValueError: ``tol`` is not a non-negative number.
+    """
 
     uses_classes = False
 
@@ -188,12 +221,15 @@ class Converged(StoppingRule):
         now, before = trace.estimate.flatten(1).float(), trace.previous.flatten(1).float()
         return (now - before).norm(dim=1) / before.norm(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return self.change(trace) <= self.tol
 
+    @override
     def score(self, trace: Trace) -> Tensor:
         return -self.change(trace)
 
+    @override
     def __repr__(self) -> str:
         return f"Converged({self.tol})"
 
@@ -215,31 +251,44 @@ def beta_top_two(votes: Tensor) -> Tensor:
 
 class BetaVote(StoppingRule):
     """Adaptive-Consistency's rule: stop when ``P(p1 > p2 | Beta(v1 + 1, v2 + 1)) >= confidence``, ``v1 >= v2``
-    the top two argmax vote counts (Aggarwal et al. 2023)."""
+    the top two argmax vote counts (Aggarwal et al. 2023).
+
+    Raises:
+        ValueError: ``confidence`` is not a number in ``[0, 1]``.
+    """
 
     def __init__(self, confidence: float = 0.95) -> None:
         self.confidence = _fraction("confidence", confidence)
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return self.score(trace) >= self.confidence
 
+    @override
     def score(self, trace: Trace) -> Tensor:
         assert trace.votes is not None
         return beta_top_two(trace.votes)
 
+    @override
     def __repr__(self) -> str:
         return f"BetaVote({self.confidence})"
 
 
 class WindowAgreement(StoppingRule):
-    """ESC's rule: stop when the last ``window`` iterations all voted for the same class (Li et al. 2024)."""
+    """ESC's rule: stop when the last ``window`` iterations all voted for the same class (Li et al. 2024).
+
+    Raises:
+        ValueError: ``window`` is not an integer >= 1.
+    """
 
     def __init__(self, window: int = 3) -> None:
         self.window = check_int("window", window, 1)
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return self.score(trace) >= 1
 
+    @override
     def score(self, trace: Trace) -> Tensor:
         assert trace.recent is not None
         if trace.iteration < self.window:
@@ -247,11 +296,18 @@ class WindowAgreement(StoppingRule):
         last = trace.recent[:, -self.window :]
         return (last == last[:, -1:]).all(1).float()
 
+    @override
     def __repr__(self) -> str:
         return f"WindowAgreement({self.window})"
 
 
 class _Combination(StoppingRule):
+    """Rules combined (nested combinations of the same kind flattened).
+
+    Raises:
+        TypeError: ``rules`` is not a non-empty list of stopping rules.
+    """
+
     def __init__(self, rules: Sequence[StoppingRule]) -> None:
         if not isinstance(rules, Sequence):
             raise TypeError(
@@ -264,12 +320,15 @@ class _Combination(StoppingRule):
         self.window = max(rule.window for rule in self.rules)
         self.uses_classes = any(rule.uses_classes for rule in self.rules)
 
+    @override
     def score(self, trace: Trace) -> Tensor:
         return torch.stack([rule.score(trace) for rule in self.rules]).amax(0)
 
+    @override
     def fired(self, trace: Trace) -> dict[str, Tensor]:
         return {name: held for rule in self.rules for name, held in rule.fired(trace).items()}
 
+    @override
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.rules!r})"
 
@@ -277,6 +336,7 @@ class _Combination(StoppingRule):
 class AnyOf(_Combination):
     """Stop when any of the rules holds (``a | b``)."""
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return torch.stack([rule.stops(trace) for rule in self.rules]).any(0)
 
@@ -284,5 +344,6 @@ class AnyOf(_Combination):
 class AllOf(_Combination):
     """Stop when all of the rules hold (``a & b``)."""
 
+    @override
     def stops(self, trace: Trace) -> Tensor:
         return torch.stack([rule.stops(trace) for rule in self.rules]).all(0)

@@ -40,6 +40,10 @@ class RandomAugment:
         alpha: Dirichlet and Beta concentration. Default ``1.0``.
         seed: base seed; each process uses ``seed + rank`` (distinct draws per DDP rank, reproducible runs).
             Default ``0``.
+
+    Raises:
+        ValueError: ``severity`` is not in ``(0, 1]``, ``alpha`` not positive, or ``width``, ``depth`` or ``seed``
+            not an integer of at least 1, 1 and 0.
     """
 
     def __init__(
