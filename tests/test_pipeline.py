@@ -1,12 +1,16 @@
 """The composed forward: role ordering, one strategy per role, install/uninstall."""
 
+import dataclasses
+import functools
 import itertools
 
 import pytest
 import torch
+import ttt_models
 
 import ttc_lightning as ttc
 from ttc_lightning import pipeline
+from ttc_lightning.tta import augmenter
 
 
 class Traced(ttc.TestTimeCallback):
@@ -18,10 +22,10 @@ class Traced(ttc.TestTimeCallback):
         super().__init__(**kwargs)
         self.trace = trace
 
-    def wrap(self, inner, context):
+    def wrap(self, inner):
         def forward(x, *args, **kwargs):
             self.trace.append(f"{self.role}>")
-            out = inner(x, *args, **kwargs)
+            out = inner.forward(x, *args, **kwargs)
             self.trace.append(f"<{self.role}")
             return out
 
@@ -47,12 +51,12 @@ class TracedTTA(ttc.TestTimeAugmentation):
         super().__init__(**kwargs)
         self.trace = trace
 
-    def wrap(self, inner, context):
+    def wrap(self, inner):
         def base(x, *args, **kwargs):
             self.trace.append("forward")
-            return inner(x, *args, **kwargs)
+            return inner.forward(x, *args, **kwargs)
 
-        tta = super().wrap(base, context)
+        tta = super().wrap(dataclasses.replace(inner, forward=base))
 
         def forward(x, *args, **kwargs):
             self.trace.append("augmentation>")
@@ -119,21 +123,21 @@ def test_unknown_role_raises(model, loader, make_trainer):
 def test_install_wraps_once_and_uninstall_restores_own_forward(model, images):
     x = images[:8]
     own = model.forward
-    context = pipeline.install(model, [ttc.TestTimeAugmentation()])
-    assert isinstance(model.__dict__["forward"], pipeline.ComposedForward)
+    installed = pipeline.install(pipeline.Run(model), [ttc.TestTimeAugmentation()])
+    assert model.__dict__["forward"] is installed and isinstance(installed, pipeline.ComposedForward)
     with pytest.raises(RuntimeError, match="already wrapped"):
-        pipeline.install(model, [ttc.TestTimeAugmentation()])
+        pipeline.install(pipeline.Run(model), [ttc.TestTimeAugmentation()])
     with torch.no_grad():
         model(x)
         model(x)
-    assert context.calls == 2 and model.calls == 4  # two top-level calls, two views each
+    assert installed.calls == 2 and model.calls == 4  # two top-level calls, two views each
     pipeline.uninstall(model)
     assert "forward" not in model.__dict__ and model.forward == own
     pipeline.uninstall(model)  # a no-op when nothing is installed
 
 
 def test_extras_are_those_of_the_latest_call(model, images):
-    pipeline.install(model, [ttc.TestTimeAugmentation(uncertainty="std")])
+    pipeline.install(pipeline.Run(model), [ttc.TestTimeAugmentation(uncertainty="std")])
     with torch.no_grad():
         a, b = images[:8], images[8:16]
         model(a)
@@ -163,3 +167,71 @@ def test_callbacks_from_configure_callbacks_join_the_pipeline(classifier_cls, lo
     preds = make_trainer([Iterative(trace)], limit_predict_batches=1).predict(module, loader)
     assert trace == ["iterative>", "<iterative"] and module.calls == 2
     torch.testing.assert_close(preds[0], reference(module, images[:8]))
+
+
+# -- device-independent composition ----------------------------------------------------------------------------------
+
+SGD = functools.partial(torch.optim.SGD, lr=0.05)
+ADAPTATIONS = {
+    "tent": lambda: ttc.Tent(optimizer=SGD),
+    "bn_adapt": lambda: ttc.BatchNormAdapt(),
+    "bn_adapt_mix": lambda: ttc.BatchNormAdapt(norm="mix"),
+    "eata": lambda: ttc.EATA(optimizer=SGD, d_margin=0.4),
+    "sar": lambda: ttc.SAR(optimizer=SGD),
+    "cotta": lambda: ttc.CoTTA(optimizer=SGD, views=2),
+    "memo": lambda: ttc.MEMO(optimizer=SGD, views=2),
+}
+
+
+def tta_predictions(callbacks: list, model=None, chunk_size="auto") -> tuple[torch.Tensor, int]:
+    model = model or ttt_models.ConvNet()
+    tta = ttc.TestTimeAugmentation(transforms="d4", chunk_size=chunk_size)
+    out = ttt_models.trainer([*callbacks, tta]).predict(model, ttt_models.loader(ttt_models.images()))
+    return torch.cat(out), model.calls
+
+
+def on_an_accelerator(monkeypatch) -> None:
+    """What ``chunk_size="auto"`` picks on an accelerator (all views of a shape in one forward), simulated on CPU."""
+    monkeypatch.setattr(augmenter, "auto_chunk_size", lambda device: None)
+
+
+@pytest.mark.parametrize("name", list(ADAPTATIONS))
+def test_batch_statistics_below_tta_give_the_same_predictions_on_any_device(name, monkeypatch):
+    """Adaptation with batch statistics makes the model's forward depend on its batch: "auto" then runs the views
+    one per forward on every device, so the composition's predictions do not depend on the device."""
+    cpu, cpu_calls = tta_predictions([ADAPTATIONS[name]()])
+    on_an_accelerator(monkeypatch)
+    accelerator, accelerator_calls = tta_predictions([ADAPTATIONS[name]()])
+    assert torch.equal(cpu, accelerator) and cpu_calls == accelerator_calls
+    stacked, _ = tta_predictions([ADAPTATIONS[name]()], chunk_size=None)
+    assert not torch.allclose(stacked, cpu, atol=1e-4)  # stacking the views would change these predictions
+
+
+def test_a_model_whose_batchnorm_uses_batch_statistics_is_batch_dependent(monkeypatch):
+    def model():
+        module = ttt_models.ConvNet()
+        module.net[1].running_mean = module.net[1].running_var = None  # batch statistics in eval mode
+        return module
+
+    cpu, cpu_calls = tta_predictions([], model())
+    on_an_accelerator(monkeypatch)
+    accelerator, accelerator_calls = tta_predictions([], model())
+    assert torch.equal(cpu, accelerator) and cpu_calls == accelerator_calls == 3 * 8  # one view per forward (8 views)
+
+
+def test_a_batch_independent_forward_keeps_the_device_choice(monkeypatch):
+    """The device choice of "auto" stays where the forward does not depend on the batch: source statistics (norm
+    "source"), or no statistics policy acting (GroupNorm)."""
+    cases = {
+        "no_adaptation": lambda: ([], ttt_models.ConvNet()),
+        "source_statistics": lambda: ([ttc.TestTimeTraining(optimizer=SGD, norm="source")], ttt_models.ConvNet()),
+        "groupnorm": lambda: ([ttc.Tent(optimizer=SGD, params="groupnorm")], ttt_models.ConvNet(norm="group")),
+    }
+    for name, make in cases.items():
+        cpu, cpu_calls = tta_predictions(*make())
+        with monkeypatch.context() as patch:
+            on_an_accelerator(patch)
+            accelerator, accelerator_calls = tta_predictions(*make())
+        adapted = 0 if name == "no_adaptation" else 3  # the adaptation's own forward, once per batch
+        assert (cpu_calls, accelerator_calls) == (adapted + 3 * 8, adapted + 3), name  # 8 views, then stacked
+        torch.testing.assert_close(accelerator, cpu, rtol=1e-5, atol=1e-5, msg=name)

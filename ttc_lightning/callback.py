@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ttc_lightning.checks import check_trainer
-from ttc_lightning.pipeline import Context, Forward, check_roles, install, uninstall
+from ttc_lightning.pipeline import ComposedForward, Inner, Run, Step, check_roles, install, uninstall
 from ttc_lightning.progress import show, summarise
 from ttc_lightning.state import ModuleSnapshot
 
@@ -31,14 +31,14 @@ def check_strategy(trainer: pl.Trainer) -> None:
         )
 
 
-class _Run:
-    """One Trainer stage with strategies applied: snapshots, the installed forward and the per-batch checks."""
+class _Stage:
+    """One Trainer stage with strategies applied: the stage's snapshot, the installed forward, the per-batch checks."""
 
     def __init__(
         self, strategies: Sequence["TestTimeCallback"], trainer: pl.Trainer, module: pl.LightningModule, stage: str
     ) -> None:
         check_roles(strategies)
-        self.strategies = strategies
+        self.strategies, self.trainer = strategies, trainer
         self.before = ModuleSnapshot.capture(module, tensors=False)
         # Gradient strategies need the loop out of inference mode; set before the loop runs, restored by finish().
         loops = {"predict": trainer.predict_loop, "test": trainer.test_loop, "validate": trainer.validate_loop}
@@ -46,20 +46,40 @@ class _Run:
         self.inference_mode = self.loop.inference_mode
         if any(s.needs_grad for s in strategies):
             self.loop.inference_mode = False
-        self.tensors: ModuleSnapshot | None = None
-        self.context: Context | None = None
+        self.run: Run | None = None
+        self.installed: ComposedForward | None = None
         self.warned = False
 
     def start(self, module: pl.LightningModule) -> None:
-        if any(s.modifies_model for s in self.strategies):
-            self.tensors = ModuleSnapshot.capture(module, tensors=True)
-        self.context = install(module, self.strategies)
+        """Take the stage's one snapshot of the model (after any ``ckpt_path`` was loaded) and install the pipeline."""
+        snapshot = any(s.modifies_model or s.needs_source for s in self.strategies)
+        trainer = self.trainer
+        self.run = Run(
+            module=module,
+            trainer=trainer,
+            stage=self.stage,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            precision=str(trainer.precision),
+            source=ModuleSnapshot.capture(module, tensors=True) if snapshot else None,
+        )
+        self.installed = install(self.run, self.strategies)
 
-    def end_batch(self, trainer: pl.Trainer, module: pl.LightningModule, batch_idx: int) -> None:
+    def batch_start(self, dataloader_idx: int) -> None:
+        if self.run is not None:
+            self.run.dataloader_idx = dataloader_idx
+
+    def epoch_end(self) -> None:
+        if self.run is not None and self.installed is not None:
+            for strategy in self.strategies:
+                strategy.epoch_end(self.run)
+
+    def batch_end(self, module: pl.LightningModule, batch_idx: int) -> None:
         """Check the batch called the composed forward; report the strategies' figures."""
-        assert self.context is not None
+        if self.run is None or self.installed is None:
+            return
         self.batches += 1
-        calls, self.context.calls = self.context.calls, 0
+        calls, self.installed.calls = self.installed.calls, 0
         if calls == 0:
             raise RuntimeError(
                 f"Batch {batch_idx}: the step never called {type(module).__name__}.forward, so no test-time strategy "
@@ -73,17 +93,18 @@ class _Run:
                 "strategies ran on every call (once per batch is expected)."
             )
         figures = {f"{s.name}/{key}": value for s in self.strategies for key, value in s.figures().items()}
-        show(trainer, self.stage, figures, self.batches)
+        show(self.trainer, self.stage, figures, self.batches)
         for strategy in self.strategies:
-            strategy.after_batch(trainer)
+            strategy.batch_end(self.run)
 
     def finish(self, module: pl.LightningModule) -> None:
-        if self.context is not None:  # never remove a forward this run did not install
+        if self.installed is not None:  # never remove a forward this stage did not install
             uninstall(module)
             for strategy in self.strategies:
                 summarise(type(strategy).__name__, strategy.figures())
-        if self.tensors is not None:
-            self.tensors.restore(module)
+        source = self.run.source if self.run is not None else None
+        if source is not None and any(s.modifies_model for s in self.strategies):
+            source.restore(module)
         self.before.restore(module)
         self.loop.inference_mode = self.inference_mode
 
@@ -96,6 +117,11 @@ class TestTimeCallback(Callback):
     an exception, when the module's parameters, buffers, modes and ``requires_grad`` flags are restored to what they
     were before the stage (after any ``ckpt_path`` was loaded).
 
+    A strategy implements the life cycle of :mod:`ttc_lightning.pipeline`: :meth:`start` (set-up for the stage),
+    :meth:`wrap` (the strategy's step around the forward it is handed), :meth:`batch_end`, :meth:`epoch_end` and
+    :meth:`finish` (undo the set-up, also after an exception), and declares :attr:`batch_dependent`,
+    :attr:`modifies_model`, :attr:`needs_source` and :attr:`needs_grad`.
+
     Args:
         stages: Trainer stages to act in, a subset of ``("predict", "test", "validate")``. Default ``("predict",)``.
             ``validate`` means ``trainer.validate``; validation inside ``trainer.fit`` is never touched.
@@ -103,8 +129,10 @@ class TestTimeCallback(Callback):
 
     __test__ = False  # not a pytest test class despite the name
     role: ClassVar[str]
-    #: Whether the strategy changes parameters or buffers (a full snapshot is then taken and restored).
+    #: Whether the strategy changes parameters or buffers that must be restored at the end of the stage.
     modifies_model: bool = False
+    #: Whether the strategy needs the stage's snapshot of the model (``run.source``, e.g. to reset to it).
+    needs_source: bool = False
     #: Whether the strategy needs autograd (the Trainer's loop then runs without inference mode).
     needs_grad: bool = False
 
@@ -112,11 +140,30 @@ class TestTimeCallback(Callback):
         if isinstance(stages, str) or not stages or any(s not in STAGES for s in stages):
             raise ValueError(f"`stages`={stages!r} must be a non-empty list drawn from {', '.join(STAGES)}.")
         self.stages = tuple(stages)
-        self._run: _Run | None = None
+        self._stage: _Stage | None = None
 
-    def wrap(self, inner: Forward, context: Context) -> Forward:
-        """Return the forward that applies this strategy around ``inner``."""
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether, during the run, the strategy makes the model's forward depend on the batch (batch statistics);
+        read after :meth:`start`."""
+        return False
+
+    def start(self, run: Run) -> None:
+        """Set up for the stage ``run`` (called before :meth:`wrap`; :meth:`finish` undoes it)."""
+
+    def wrap(self, inner: Inner) -> Step:
+        """Return the step that applies this strategy around ``inner.forward``."""
         raise NotImplementedError
+
+    def batch_end(self, run: Run) -> None:
+        """Called after every batch of a stage the strategy acts in (e.g. to save state)."""
+
+    def epoch_end(self, run: Run) -> None:
+        """Called when this process has no batch left in the stage (e.g. to keep answering other processes)."""
+
+    def finish(self) -> None:
+        """Undo :meth:`start` at the end of the stage or after an exception (also after a :meth:`start` that raised
+        part-way)."""
 
     @property
     def name(self) -> str:
@@ -127,44 +174,37 @@ class TestTimeCallback(Callback):
         """Figures of the stage so far, shown in the progress bar, logged, and summarised at the end."""
         return {}
 
-    def after_batch(self, trainer: pl.Trainer) -> None:
-        """Called after every batch of a stage the strategy acts in (e.g. to save state)."""
-
-    def end_epoch(self) -> None:
-        """Called when this process has no batch left in the stage (e.g. to keep answering other processes)."""
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._run = None
+        self._stage = None
         if stage not in self.stages:
             return
         peers = [cb for cb in trainer.callbacks if isinstance(cb, TestTimeCallback) and stage in cb.stages]
         if peers[0] is self:  # the first strategy of the stage runs the pipeline for all of them
             check_trainer(trainer, type(self).__name__)
             check_strategy(trainer)
-            self._run = _Run(peers, trainer, pl_module, stage)
+            self._stage = _Stage(peers, trainer, pl_module, stage)
 
     def _start(self, pl_module: pl.LightningModule) -> None:
-        if self._run is not None:
-            self._run.start(pl_module)
+        if self._stage is not None:
+            self._stage.start(pl_module)
 
     def _batch_start(self, dataloader_idx: int) -> None:
-        if self._run is not None and self._run.context is not None:
-            self._run.context.dataloader_idx = dataloader_idx
+        if self._stage is not None:
+            self._stage.batch_start(dataloader_idx)
 
     def _epoch_end(self) -> None:
-        if self._run is not None and self._run.context is not None:
-            for strategy in self._run.strategies:
-                strategy.end_epoch()
+        if self._stage is not None:
+            self._stage.epoch_end()
 
-    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
-        if self._run is not None and self._run.context is not None:
-            self._run.end_batch(trainer, pl_module, batch_idx)
+    def _batch_end(self, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        if self._stage is not None:
+            self._stage.batch_end(pl_module, batch_idx)
 
     def _finish(self, pl_module: pl.LightningModule) -> None:
-        run, self._run = self._run, None
-        if run is not None:
-            run.finish(pl_module)
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            stage.finish(pl_module)
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -206,7 +246,7 @@ class TestTimeCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end(trainer, pl_module, batch_idx)
+        self._batch_end(pl_module, batch_idx)
 
     @override
     def on_test_batch_end(
@@ -218,7 +258,7 @@ class TestTimeCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end(trainer, pl_module, batch_idx)
+        self._batch_end(pl_module, batch_idx)
 
     @override
     def on_validation_batch_end(
@@ -230,7 +270,7 @@ class TestTimeCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end(trainer, pl_module, batch_idx)
+        self._batch_end(pl_module, batch_idx)
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -15,7 +15,7 @@ from ttc_lightning.halting import Draws, HaltingStats, halt, put_rows, select_ro
 from ttc_lightning.ops.augmix import RandomAugment
 from ttc_lightning.ops.merge import SPACES, Merger
 from ttc_lightning.ops.seeding import seeded_generator
-from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.pipeline import Forward, Inner, Output, Run, Step, values
 from ttc_lightning.stopping import StoppingRule
 
 MODES = ("refine", "sample")
@@ -176,69 +176,82 @@ class IterativeInference(TestTimeCallback):
         self.space, self.augment, self.warm_start, self.anytime = space, augment, warm_start, anytime
         self.return_iterations, self.seed = return_iterations, seed
         self.stats = HaltingStats()
+        self._run: Run | None = None
 
     @override
     def figures(self) -> dict[str, float]:
         return self.stats.figures()
 
-    def wrap(self, inner: Forward, context: Context) -> Forward:
+    @override
+    def start(self, run: Run) -> None:
         self.stats = HaltingStats()
+        self._run, module = run, run.module
         if self.mode == "refine":
-            return self._refine(inner, context)
-        return self._sample(inner, context)
-
-    def _halt(self, stepper: Any, batch: int, running: bool, context: Context) -> Any:
-        output, iterations = halt(
-            stepper, batch, self.stop, self.max_iters, self.min_iters, running, self.anytime, self.stats
-        )
-        if self.return_iterations:
-            context.extras["iterations"] = iterations
-        return output
-
-    def _refine(self, inner: Forward, context: Context) -> Forward:
-        module = context.module
-        missing = [name for name in ("ttc_init", "ttc_refine") if not callable(getattr(module, name, None))]
-        if missing:
-            raise TypeError(
-                f"mode='refine' needs {type(module).__name__} to define ttc_init(x) -> state and "
-                f"ttc_refine(x, state) -> (output, state); missing: {', '.join(missing)}."
+            missing = [name for name in ("ttc_init", "ttc_refine") if not callable(getattr(module, name, None))]
+            if missing:
+                raise TypeError(
+                    f"mode='refine' needs {type(module).__name__} to define ttc_init(x) -> state and "
+                    f"ttc_refine(x, state) -> (output, state); missing: {', '.join(missing)}."
+                )
+            return
+        self._dropouts = [m for m in module.modules() if isinstance(m, _DropoutNd) and m.p > 0]
+        if self.augment is None and not self._dropouts:
+            raise ValueError(
+                f"mode='sample' needs randomness, but {type(module).__name__} has no dropout layer with p > 0 "
+                "and no `augment` was given. Pass augment=ttc.RandomAugment() or use a model with dropout."
             )
-        if inner is not context.base:
+        if self.seed != 0 and not self._dropouts and isinstance(self.augment, RandomAugment):
+            raise ValueError(
+                f"`seed`={self.seed} has no effect: it seeds dropout and draws from torch's global generator, and "
+                f"{type(module).__name__} has no dropout while `augment` (a RandomAugment) draws from its own "
+                "generator. Seed the augmentation instead (RandomAugment(seed=...)), or drop seed."
+            )
+        self._generator = seeded_generator(self.seed, per_rank=True)
+        reseed = getattr(self.augment, "reseed", None)
+        if callable(reseed):
+            reseed()
+
+    @override
+    def wrap(self, inner: Inner) -> Step:
+        if self.mode == "sample":
+            return self._sample(values(inner.forward))
+        if inner.composed:
             raise ValueError(
                 "mode='refine' calls ttc_refine, not forward, so test-time augmentation cannot run inside it. Use "
                 "mode='sample' with TestTimeAugmentation, or drop one of the two callbacks."
             )
+        return self._refine()
+
+    @override
+    def finish(self) -> None:
+        self._run = None
+
+    def _halt(self, stepper: Any, batch: int, running: bool) -> Output:
+        output, iterations = halt(
+            stepper, batch, self.stop, self.max_iters, self.min_iters, running, self.anytime, self.stats
+        )
+        return Output(output, {"iterations": iterations} if self.return_iterations else {})
+
+    def _refine(self) -> Step:
+        assert self._run is not None
+        run, module = self._run, self._run.module
         warm: dict[str, Any] = {}
 
-        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        def step(x: Tensor, *args: Any, **kwargs: Any) -> Output:
             _check_input(x)
-            previous = warm.get("state") if warm.get("key") == (len(x), context.dataloader_idx) else None
+            previous = warm.get("state") if warm.get("key") == (len(x), run.dataloader_idx) else None
             state = previous if previous is not None else module.ttc_init(x, *args, **kwargs)
             stepper = _Refinement(module.ttc_refine, x, args, kwargs, state)
-            output = self._halt(stepper, len(x), False, context)
+            output = self._halt(stepper, len(x), False)
             if self.warm_start:
-                warm.update(key=(len(x), context.dataloader_idx), state=stepper.finish())
+                warm.update(key=(len(x), run.dataloader_idx), state=stepper.finish())
             return output
 
-        return forward
+        return step
 
-    def _sample(self, inner: Forward, context: Context) -> Forward:
-        dropouts = [m for m in context.module.modules() if isinstance(m, _DropoutNd) and m.p > 0]
-        if self.augment is None and not dropouts:
-            raise ValueError(
-                f"mode='sample' needs randomness, but {type(context.module).__name__} has no dropout layer with p > 0 "
-                "and no `augment` was given. Pass augment=ttc.RandomAugment() or use a model with dropout."
-            )
-        if self.seed != 0 and not dropouts and isinstance(self.augment, RandomAugment):
-            raise ValueError(
-                f"`seed`={self.seed} has no effect: it seeds dropout and draws from torch's global generator, and "
-                f"{type(context.module).__name__} has no dropout while `augment` (a RandomAugment) draws from its own "
-                "generator. Seed the augmentation instead (RandomAugment(seed=...)), or drop seed."
-            )
-        generator = seeded_generator(self.seed, per_rank=True)
-        reseed = getattr(self.augment, "reseed", None)
-        if callable(reseed):
-            reseed()
+    def _sample(self, inner: Forward) -> Step:
+        """Draws through ``inner`` (the extras of the strategies inside are dropped)."""
+        generator, dropouts = self._generator, self._dropouts
 
         def draw(iteration: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             y = inner(self.augment(x) if self.augment is not None else x, *args, **kwargs)
@@ -252,20 +265,17 @@ class IterativeInference(TestTimeCallback):
                 )
             return y
 
-        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        def step(x: Tensor, *args: Any, **kwargs: Any) -> Output:
             _check_input(x)
             seed = int(torch.randint(2**62, (1,), generator=generator))
-            inner_extras = set(context.extras)
             devices = [x.device] if x.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), _dropout_active(dropouts):
                 torch.manual_seed(seed)
                 draws = Draws(draw, x, args, kwargs, Merger("mean", self.space, "softmax"))
-                output, _ = self._halt(draws, len(x), True, context)
-            for key in set(context.extras) - inner_extras - {"iterations"}:
-                del context.extras[key]
-            return output
+                output = self._halt(draws, len(x), True)
+            return Output(output.value[0], output.extras)
 
-        return forward
+        return step
 
 
 def _check_input(x: Any) -> None:

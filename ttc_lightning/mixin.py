@@ -4,8 +4,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
+from typing_extensions import override
 
-from ttc_lightning.pipeline import current_extras
+from ttc_lightning import pipeline
 
 
 class TestTimeComputeMixin:
@@ -58,9 +59,10 @@ class TestTimeComputeMixin:
 
     @property
     def ttc_extras(self) -> dict[str, Tensor]:
-        """Extras (uncertainty, ...) of the latest forward call; empty without requested extras."""
-        return current_extras(self)  # type: ignore[arg-type]
+        """Extras (uncertainty, ...) of the latest ``self(x)`` call (a copy); empty without requested extras."""
+        return pipeline.current_extras(self)  # type: ignore[arg-type]
 
+    @override  # LightningModule.predict_step, which follows this mixin in the bases
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Any:
         inputs = self.ttc_inputs(batch)
         valid = isinstance(inputs, tuple) and len(inputs) == 2
@@ -70,8 +72,8 @@ class TestTimeComputeMixin:
                 f"and a dict of keyword arguments of forward, e.g. ((x,), {{}}); it returned {_describe(inputs)}."
             )
         args, kwargs = inputs
-        output = self(*args, **kwargs)  # type: ignore[operator]
-        return self.ttc_outputs(output, self.ttc_extras)
+        output = pipeline.call(self, *args, **kwargs)  # type: ignore[arg-type]
+        return self.ttc_outputs(output.value, output.extras)
 
 
 def _describe(value: Any) -> str:

@@ -50,6 +50,13 @@ class ModuleSnapshot:
             grads=grads,
         )
 
+    def values(self) -> "ModuleSnapshot":
+        """The captured tensors alone (no copy of a tensor; a dict of their own): restoring the result puts back
+        parameters, gradients and buffers and leaves modes, flags and ``requires_grad`` as they are."""
+        if self.tensors is None or self.grads is None:
+            raise ValueError("This snapshot holds no tensors (captured with tensors=False).")
+        return ModuleSnapshot(attributes={}, requires_grad={}, tensors=dict(self.tensors), grads=dict(self.grads))
+
     def restore(self, module: nn.Module) -> None:
         """Put ``module`` back exactly as captured (values bitwise, attributes, ``requires_grad``)."""
         for prefix, sub in module.named_modules(remove_duplicate=False):

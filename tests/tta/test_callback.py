@@ -212,15 +212,18 @@ class Nudge(ttc.TestTimeCallback):
     role = "adaptation"
     modifies_model = True
 
-    def wrap(self, inner, context):
+    def start(self, run):
+        self.module = run.module
+
+    def wrap(self, inner):
         def forward(x, *args, **kwargs):
-            net = context.module.net
+            net = self.module.net
             with torch.no_grad():
                 net[0].weight.add_(1.0)
             net[1].running_mean, net[1].running_var = None, None  # batch statistics from now on
             net[0].bias.requires_grad_(False)
             net[1].train()
-            return inner(x, *args, **kwargs)
+            return inner.forward(x, *args, **kwargs)
 
         return forward
 

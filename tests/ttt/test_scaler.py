@@ -15,7 +15,7 @@ SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
 def run(model, scale=None, monkeypatch=None):
     if scale is not None:
-        monkeypatch.setattr(base, "grad_scaler", lambda module, params: torch.amp.GradScaler("cpu", init_scale=scale))
+        monkeypatch.setattr(base, "grad_scaler", lambda _, params: torch.amp.GradScaler("cpu", init_scale=scale))
     callback = ttc.Tent(optimizer=SGD, keep_adapted=True)
     predictions = torch.cat(trainer([callback]).predict(model, loader(images())))
     return predictions, callback
@@ -23,7 +23,8 @@ def run(model, scale=None, monkeypatch=None):
 
 def test_no_scaler_outside_16_mixed():
     model = ConvNet()
-    assert base.grad_scaler(model, list(model.parameters())) is None
+    assert base.grad_scaler("32-true", list(model.parameters())) is None
+    assert base.grad_scaler("bf16-mixed", list(model.parameters())) is None
 
 
 def test_scaled_updates_equal_unscaled_ones(monkeypatch):

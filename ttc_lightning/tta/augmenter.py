@@ -23,6 +23,15 @@ POINT_TASKS = ("keypoints", "boxes")
 #: Views per forward when ``chunk_size="auto"``: one view at a time on CPU, all views of a shape stacked on GPU (the
 #: CPU choice is timed by ``benchmarks/tta_chunking.py``; the GPU choice is not measured).
 AUTO_CPU_CHUNK = 1
+#: Views per forward of ``chunk_size="auto"`` on every device when the forward depends on the batch (batch
+#: statistics): the CPU choice, so that a composition gives the same predictions on any device.
+BATCH_DEPENDENT_CHUNK = AUTO_CPU_CHUNK
+
+
+def auto_chunk_size(device: torch.device) -> int | None:
+    """Views per forward of ``chunk_size="auto"`` for a batch-independent forward on ``device``: 1 on CPU, every
+    view of a shape (``None``) elsewhere."""
+    return AUTO_CPU_CHUNK if device.type == "cpu" else None
 
 
 def _pairs(name: str, pairs: Sequence[Sequence[int]] | None) -> tuple[tuple[int, int], ...]:
@@ -238,6 +247,13 @@ class Augmenter:
 
     def __call__(self, forward: Callable[..., Any], x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, dict]:
         """Merged output of ``forward`` over the views of ``x`` and the requested uncertainty measures."""
+        return self.apply(forward, x, args, kwargs)
+
+    def apply(
+        self, forward: Callable[..., Any], x: Tensor, args: tuple, kwargs: dict, batch_dependent: bool = False
+    ) -> tuple[Tensor, dict]:
+        """:meth:`__call__` with the forward's arguments as a tuple and a dict; ``batch_dependent`` says whether
+        ``forward`` depends on the batch (``chunk_size="auto"`` then stacks the same views on every device)."""
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"Test-time augmentation needs a tensor input; got {type(x).__name__}. A step that calls self(batch) "
@@ -261,7 +277,7 @@ class Augmenter:
             return self._adaptive(forward, x, size, args, kwargs)
         chunk = self.chunk_size
         if chunk == "auto":
-            chunk = AUTO_CPU_CHUNK if x.device.type == "cpu" else None
+            chunk = BATCH_DEPENDENT_CHUNK if batch_dependent else auto_chunk_size(x.device)
         batch = x.shape[0]
         merger = Merger(self.merge, self.space, self.activation)
         tracker = UncertaintyAccumulator(self.uncertainty, self.space, self.activation) if self.uncertainty else None

@@ -8,7 +8,7 @@ from typing_extensions import override
 
 from ttc_lightning.callback import TestTimeCallback
 from ttc_lightning.halting import HaltingStats
-from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.pipeline import Inner, Output, Run, Step, values
 from ttc_lightning.stopping import StoppingRule
 from ttc_lightning.tta.augmenter import Augmenter
 from ttc_lightning.tta.transforms import TransformSpec
@@ -40,7 +40,9 @@ class TestTimeAugmentation(TestTimeCallback):
         uncertainty: ``True`` or names among ``std``, ``entropy``, ``mutual_info``, ``agreement``. Default ``None``.
         chunk_size: views per forward; ``None`` stacks all views of a shape, ``"auto"`` is 1 on CPU (one view's
             memory; timings in ``benchmarks/README.md``) and ``None`` on accelerators (not measured: no GPU run
-            exists); refused with ``stop`` or a single view. Default ``"auto"``.
+            exists), except that it is 1 on every device when the model's forward depends on the batch (batch
+            statistics: adaptation with a ``norm`` other than ``"source"``, BatchNorm in train mode), so that the
+            predictions do not depend on the device; refused with ``stop`` or a single view. Default ``"auto"``.
         stop: a :mod:`~ttc_lightning.stopping` rule: views run in order (identity first) on the samples still
             running, and a sample stops once the rule holds on the running mean probability of its views; halted
             samples leave the forward batch. Default ``None`` (every sample gets every view).
@@ -102,12 +104,15 @@ class TestTimeAugmentation(TestTimeCallback):
     def figures(self) -> dict[str, float]:
         return self.augmenter.stats.figures()
 
-    def wrap(self, inner: Forward, context: Context) -> Forward:
+    @override
+    def start(self, run: Run) -> None:
         self.augmenter.stats = HaltingStats()
 
-        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            output, extras = self.augmenter(inner, x, *args, **kwargs)
-            context.extras.update(extras)
-            return output
+    @override
+    def wrap(self, inner: Inner) -> Step:
+        forward, batch_dependent = values(inner.forward), inner.batch_dependent
 
-        return forward
+        def step(x: Tensor, *args: Any, **kwargs: Any) -> Output:
+            return Output(*self.augmenter.apply(forward, x, args, kwargs, batch_dependent=batch_dependent))
+
+        return step

@@ -6,14 +6,14 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ttc_lightning.callback import TestTimeCallback
 from ttc_lightning.checks import check_bool, check_choice, check_int, check_range, check_unused, is_default
-from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.pipeline import Forward, Inner, Output, Run, Step
 from ttc_lightning.state import ModuleSnapshot
 from ttc_lightning.ttt.norm import NormStatistics
 from ttc_lightning.ttt.objectives import Loss, Objective, as_loss, resolve_objective
@@ -279,6 +279,8 @@ class TestTimeTraining(TestTimeCallback):
         self.keep_adapted = keep_adapted
         self.needs_grad = optimizer is not None
         self.modifies_model = not keep_adapted
+        self.needs_source = True
+        self._batch_statistics = False
         self._source: ModuleSnapshot | None = None
         self._clear_figures()
 
@@ -306,11 +308,20 @@ class TestTimeTraining(TestTimeCallback):
         self._last_dataloader: int | None = None
         self._diverged = False
 
-    def wrap(self, inner: Forward, context: Context) -> Forward:
-        module = context.module
-        self._check_run(module, composed=inner is not context.base)
+    @property
+    @override
+    def batch_dependent(self) -> bool:
+        return self._batch_statistics
+
+    @override
+    def start(self, run: Run) -> None:
+        self._undo_norm: Callable[[], None] | None = None
+        self._source = None
+        module = run.module
+        self._check_run(run)
         self._clear_figures()
-        context.cleanups.append(self.norm.apply(module, required=self.optimizer_factory is None))
+        self._undo_norm = self.norm.apply(module, required=self.optimizer_factory is None)
+        self._batch_statistics = self.norm.policy != "source" and _running_statistics(module)
         self._params: list[nn.Parameter] = []
         if self.optimizer_factory is not None:
             chosen = select_parameters(module, self.params)
@@ -322,18 +333,24 @@ class TestTimeTraining(TestTimeCallback):
                 )
             module.requires_grad_(False)
             self._params = [p.requires_grad_(True) for p in chosen.values()]
-        self._module, self._base, self._context = module, context.base, context
+        self._module, self._run = module, run
         self._synced = self.sync and self.optimizer_factory is not None and distributed()
         self._template: tuple[Tensor, list, dict] | None = None
-        self._scaler = grad_scaler(module, self._params)
-        self._source = ModuleSnapshot.capture(module)  # the state resets return to
-        context.cleanups.append(self._end_stage)
+        self._scaler = grad_scaler(run.precision, self._params)
+        if run.source is None:
+            raise RuntimeError(f"{type(self).__name__} needs the stage's snapshot of the model (Run.source).")
+        self._source = run.source.values()  # the state resets return to
         self._new_optimizer()
-        self.prepare(context)
+
+    @override
+    def wrap(self, inner: Inner) -> Step:
+        self._check_composition(inner.composed)
+        self._model = inner.model
+        self.prepare(inner.model)
         if self.resume_from is not None:
             self.load_state_dict(torch.load(self.resume_from, map_location="cpu", weights_only=False))
 
-        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        def step(x: Tensor, *args: Any, **kwargs: Any) -> Output:
             self._maybe_reset()
             self._batches_since_reset += 1
             self.batches_seen += 1
@@ -346,21 +363,32 @@ class TestTimeTraining(TestTimeCallback):
                 x = x.clone()
             if self.optimizer_factory is None:
                 with torch.no_grad():
-                    return inner(x, *args, **kwargs)
+                    return inner.forward(x, *args, **kwargs)
             skipped_before = self.skipped
             with torch.enable_grad():
-                output, kept = self._adapt(context.base, x, args, kwargs)
-            if self.flags:
-                batch = len(x)
-                context.extras["kept"] = torch.ones(batch, dtype=torch.bool) if kept is None else kept.cpu()
-                context.extras["skipped"] = torch.full((batch,), self.skipped > skipped_before)
-            return self.predict(inner, context, x, args, kwargs, output)
+                output, kept = self._adapt(inner.model, x, args, kwargs)
+            prediction = self.predict(inner, x, args, kwargs, output)
+            if not self.flags:
+                return prediction
+            batch = len(x)
+            flags = {
+                "kept": torch.ones(batch, dtype=torch.bool) if kept is None else kept.cpu(),
+                "skipped": torch.full((batch,), self.skipped > skipped_before),
+            }
+            return Output(prediction.value, {**flags, **prediction.extras})
 
-        return forward
+        return step
 
-    def _check_run(self, module: nn.Module, composed: bool) -> None:
-        """Refuse, at the start of the stage, the arguments that the run leaves without effect (``composed``: a
-        strategy runs inside this one, whose forward then gives the prediction)."""
+    @override
+    def finish(self) -> None:
+        self._source = None  # no reset, state or save outside the stage
+        undo, self._undo_norm = getattr(self, "_undo_norm", None), None
+        if undo is not None:
+            undo()
+
+    def _check_composition(self, composed: bool) -> None:
+        """Refuse, at the start of the stage, an episodic single update whose prediction would never see it
+        (``composed``: a strategy runs inside this one, whose forward then gives the prediction)."""
         one_update = self.optimizer_factory is not None and self.steps == 1 and self.reset_policy in ("batch", 1)
         if one_update and self.predicts_before_update and not composed and not self.keep_adapted:
             raise ValueError(
@@ -371,23 +399,23 @@ class TestTimeTraining(TestTimeCallback):
                 "predicts with the adapted model (TestTimeAugmentation), keep_adapted=True to keep the last "
                 "batch's adaptation, or ttc.BatchNormAdapt."
             )
+
+    def _check_run(self, run: Run) -> None:
+        """Refuse, at the start of the stage, the arguments that the run leaves without effect."""
         if self.sync and not distributed():
             raise ValueError(
                 "`sync`=True has no effect: it keeps the processes of a multi-process run in step, and this run has "
                 "one process. Run on several devices (e.g. strategy='ddp') or drop it."
             )
-        running = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in module.modules()
-        )
-        if self.norm_arguments and not running and self.optimizer_factory is not None:
+        module = run.module
+        if self.norm_arguments and not _running_statistics(module) and self.optimizer_factory is not None:
             given = ", ".join(f"`{name}`={value!r}" for name, value in self.norm_arguments.items())
             raise ValueError(
                 f"{given} has no effect: the statistics policy acts on BatchNorm layers with running statistics, and "
                 f"{type(module).__name__} has none. Drop it, or use a model with BatchNorm."
             )
-        trainer = getattr(module, "_trainer", None)
+        trainer, stage = run.trainer, run.stage
         if self.reset_policy == "dataloader" and trainer is not None:
-            stage = trainer.state.stage.value if trainer.state.stage is not None else ""
             name = {"predict": "num_predict_batches", "test": "num_test_batches", "validate": "num_val_batches"}
             loaders = len(getattr(trainer, name[stage])) if stage in name else 0
             if loaders == 1:
@@ -499,19 +527,20 @@ class TestTimeTraining(TestTimeCallback):
             return None
         return value
 
-    def prepare(self, context: Context) -> None:
-        """Set the preset's own state up at the start of a stage (after parameter selection, before resuming)."""
+    def prepare(self, model: Forward) -> None:
+        """Set the preset's own state up at the start of a stage (after parameter selection, before resuming);
+        ``model`` is the model's own forward."""
 
     def after_update(self) -> None:
         """Called after every optimizer step (teacher updates, stochastic restore)."""
 
-    def predict(self, inner: Forward, context: Context, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Any:
-        """The batch's prediction after adaptation: ``output`` alone, or the inner strategies' forward (e.g. test-time
-        augmentation) of the adapted model."""
-        if inner is context.base:
-            return output
+    def predict(self, inner: Inner, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Output:
+        """The batch's prediction after adaptation: ``output`` alone when nothing is composed inside, else the inner
+        strategies' forward (e.g. test-time augmentation) of the adapted model, with their extras."""
+        if not inner.composed:
+            return Output(output)
         with torch.no_grad():
-            return inner(x, *args, **kwargs)
+            return inner.forward(x, *args, **kwargs)
 
     def reset_state(self) -> None:
         """Clear the preset's own state on :meth:`reset` (moving averages, teachers)."""
@@ -528,7 +557,7 @@ class TestTimeTraining(TestTimeCallback):
 
     def _maybe_reset(self) -> None:
         policy = self.reset_policy
-        loader = self._context.dataloader_idx
+        loader = self._run.dataloader_idx
         new_loader = self._last_dataloader is not None and loader != self._last_dataloader
         self._last_dataloader = loader
         due = (
@@ -622,27 +651,26 @@ class TestTimeTraining(TestTimeCallback):
             x, args, kwargs = self._template or (torch.zeros((0, *shape), device=device), [], {})
             self._batch_size = 0
             with torch.enable_grad():
-                self._adapt(self._base, x, tuple(args), kwargs)
+                self._adapt(self._model, x, tuple(args), kwargs)
 
-    def end_epoch(self) -> None:
+    @override
+    def epoch_end(self, run: Run) -> None:
         self._drain()
 
-    def _end_stage(self) -> None:
-        self._source = None  # no reset, state or save outside the stage
-
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _save(self, run: Run) -> None:
         every = self.save_every_n_batches
         if every is None or self._source is None or self.batches_seen == 0 or self.batches_seen % every:
             return
         assert self.save_path is not None
-        if trainer.world_size > 1 and "{rank}" not in os.fspath(self.save_path):
+        if run.world_size > 1 and "{rank}" not in os.fspath(self.save_path):
             raise ValueError(f"`save_path`={self.save_path!r} needs a '{{rank}}' placeholder with several processes.")
-        path = os.fspath(self.save_path).replace("{rank}", str(trainer.global_rank))
+        path = os.fspath(self.save_path).replace("{rank}", str(run.rank))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(self.state_dict(), path)
 
-    def after_batch(self, trainer: pl.Trainer) -> None:
-        self._save(trainer)
+    @override
+    def batch_end(self, run: Run) -> None:
+        self._save(run)
 
 
 def _check_combinations(
@@ -718,9 +746,13 @@ def _rows(value: Any, batch: int) -> bool:
     return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch
 
 
-def grad_scaler(module: nn.Module, params: list[nn.Parameter]) -> "torch.amp.GradScaler | None":
+def _running_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` has a BatchNorm layer with running statistics (what the statistics policies act on)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in module.modules())
+
+
+def grad_scaler(precision: str, params: list[nn.Parameter]) -> "torch.amp.GradScaler | None":
     """A private gradient scaler under ``precision="16-mixed"`` (Lightning's own scaler is only stepped in fit)."""
-    trainer = getattr(module, "_trainer", None)
-    if not params or trainer is None or trainer.precision != "16-mixed":
+    if not params or precision != "16-mixed":
         return None
     return torch.amp.GradScaler(params[0].device.type)

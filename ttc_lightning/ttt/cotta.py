@@ -7,12 +7,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ttc_lightning.checks import check_int, check_range, check_unused
 from ttc_lightning.ops.augmix import RandomAugment, check_image_batch
 from ttc_lightning.ops.entropy import soft_cross_entropy
 from ttc_lightning.ops.seeding import seeded_generator
-from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.pipeline import Forward, Inner, Output
 from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec
@@ -124,7 +125,8 @@ class CoTTA(TestTimeTraining):
                 check_unused("augment", augment, None, why, "Use anchor_threshold > 0 or drop augment")
         self.augment = augment or RandomAugment()
 
-    def prepare(self, context: Context) -> None:
+    @override
+    def prepare(self, model: Forward) -> None:
         # The same stream of restore masks on every rank, so that synchronized ranks stay identical.
         self.mask_generator = seeded_generator(self.augment.seed)
         self.augment.reseed()
@@ -174,8 +176,9 @@ class CoTTA(TestTimeTraining):
         self.augment.load_state_dict(state["augment"])
         self.mask_generator.set_state(state["masks"])
 
-    def predict(self, inner: Forward, context: Context, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Any:
-        if inner is context.base:
-            return output
+    @override
+    def predict(self, inner: Inner, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Output:
+        if not inner.composed:
+            return Output(output)
         with torch.no_grad(), swapped(self._params, self.teacher):
-            return inner(x, *args, **kwargs)
+            return inner.forward(x, *args, **kwargs)

@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 from ttc_lightning.checks import check_bool, check_positive, check_unused
-from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.pipeline import Forward
 from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
 from ttc_lightning.ttt.params import ParamSpec
@@ -143,12 +144,13 @@ class EATA(TestTimeTraining):
         self.fisher_data, self.fisher_alpha = fisher_data, fisher_alpha
         self.fisher: list[Tensor] | None = None
 
-    def prepare(self, context: Context) -> None:
+    @override
+    def prepare(self, model: Forward) -> None:
         self.eata.probs_average = None
         self._anchor = [p.detach().clone() for p in self._params]
-        self.fisher = self._estimate_fisher(context) if self.fisher_data is not None else None
+        self.fisher = self._estimate_fisher(model) if self.fisher_data is not None else None
 
-    def _estimate_fisher(self, context: Context) -> list[Tensor]:
+    def _estimate_fisher(self, model: Forward) -> list[Tensor]:
         """Mean over batches of the squared gradients of the pseudo-label cross entropy (EATA's estimate)."""
         assert self.fisher_data is not None
         device = self._params[0].device
@@ -157,7 +159,7 @@ class EATA(TestTimeTraining):
         with torch.enable_grad():
             for batch in self.fisher_data:
                 x = batch if isinstance(batch, Tensor) else batch[0]
-                output = context.base(x.to(device))
+                output = model(x.to(device))
                 loss = F.cross_entropy(output, output.argmax(1))
                 grads = torch.autograd.grad(loss, self._params, allow_unused=True)
                 for total, grad in zip(totals, grads, strict=True):

@@ -5,11 +5,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from ttc_lightning.checks import check_bool, check_int, check_range, check_unused
 from ttc_lightning.ops import entropy as ops_entropy
 from ttc_lightning.ops.augmix import RandomAugment, check_image_batch
-from ttc_lightning.pipeline import Context, Forward
+from ttc_lightning.pipeline import Forward, Inner, Output
 from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
 from ttc_lightning.tta.transforms import TransformSpec
 from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
@@ -97,7 +98,8 @@ class MEMO(TestTimeTraining):
         self.augment = augment or RandomAugment()
         self.tta_views = None if transforms is None else Augmenter(transforms).views
 
-    def prepare(self, context: Context) -> None:
+    @override
+    def prepare(self, model: Forward) -> None:
         self.augment.reseed()
 
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
@@ -120,6 +122,7 @@ class MEMO(TestTimeTraining):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.augment.load_state_dict(state["augment"])
 
-    def predict(self, inner: Forward, context: Context, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Any:
+    @override
+    def predict(self, inner: Inner, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Output:
         with torch.no_grad():
-            return inner(x, *args, **kwargs)
+            return inner.forward(x, *args, **kwargs)
