@@ -39,7 +39,8 @@ class _Stage:
     ) -> None:
         check_roles(strategies)
         self.strategies, self.trainer = strategies, trainer
-        self.before = ModuleSnapshot.capture(module, tensors=False)
+        # The stage's one snapshot: modes and flags now (before the loop's eval()), tensors at the stage's start.
+        self.snapshot = ModuleSnapshot.capture(module, tensors=False)
         # Gradient strategies need the loop out of inference mode; set before the loop runs, restored by finish().
         loops = {"predict": trainer.predict_loop, "test": trainer.test_loop, "validate": trainer.validate_loop}
         self.loop, self.stage, self.batches = loops[stage], stage, 0
@@ -51,8 +52,10 @@ class _Stage:
         self.warned = False
 
     def start(self, module: pl.LightningModule) -> None:
-        """Take the stage's one snapshot of the model (after any ``ckpt_path`` was loaded) and install the pipeline."""
-        snapshot = any(s.modifies_model or s.needs_source for s in self.strategies)
+        """Add the model's tensors to the stage's snapshot (after any ``ckpt_path`` was loaded) where a strategy
+        changes them or needs them, and install the pipeline."""
+        if any(s.modifies_model or s.needs_source for s in self.strategies):
+            self.snapshot = self.snapshot.with_tensors(module)
         trainer = self.trainer
         self.run = Run(
             module=module,
@@ -61,7 +64,7 @@ class _Stage:
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             precision=str(trainer.precision),
-            source=ModuleSnapshot.capture(module, tensors=True) if snapshot else None,
+            source=self.snapshot if self.snapshot.tensors is not None else None,
         )
         self.installed = install(self.run, self.strategies)
 
@@ -102,10 +105,7 @@ class _Stage:
             uninstall(module)
             for strategy in self.strategies:
                 summarise(type(strategy).__name__, strategy.figures())
-        source = self.run.source if self.run is not None else None
-        if source is not None and any(s.modifies_model for s in self.strategies):
-            source.restore(module)
-        self.before.restore(module)
+        self.snapshot.restore(module, tensors=any(s.modifies_model for s in self.strategies))
         self.loop.inference_mode = self.inference_mode
 
 

@@ -46,8 +46,9 @@ Step = Callable[..., Output]
 
 @dataclass
 class Run:
-    """One Trainer stage as strategies see it. ``source`` is the stage's snapshot of the module before any strategy
-    started (``None`` when no strategy changes the model); ``dataloader_idx`` is the current batch's dataloader."""
+    """One Trainer stage as strategies see it. ``source`` is the stage's one snapshot of the module, with its tensors
+    as the stage started, before any strategy (``None`` when no strategy changes them or needs them);
+    ``dataloader_idx`` is the current batch's dataloader."""
 
     module: nn.Module
     trainer: Any = None

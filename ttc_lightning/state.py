@@ -31,24 +31,28 @@ class ModuleSnapshot:
     @classmethod
     def capture(cls, module: nn.Module, tensors: bool = True) -> "ModuleSnapshot":
         """Record ``module``; clone its parameters, gradients and buffers only when ``tensors`` is true."""
-        params = dict(module.named_parameters(remove_duplicate=False))
-        saved = grads = None
-        if tensors:
-            with torch.no_grad():
-                saved = {name: p.detach().clone() for name, p in params.items()}
-                grads = {name: None if p.grad is None else p.grad.detach().clone() for name, p in params.items()}
-                for prefix, sub in module.named_modules(remove_duplicate=False):
-                    for name, buffer in sub._buffers.items():
-                        saved[_key(prefix, name)] = None if buffer is None else buffer.detach().clone()
-        return cls(
+        snapshot = cls(
             attributes={
                 prefix: {name: vars(sub)[name] for name in ATTRIBUTES if name in vars(sub)}
                 for prefix, sub in module.named_modules(remove_duplicate=False)
             },
-            requires_grad={name: p.requires_grad for name, p in params.items()},
-            tensors=saved,
-            grads=grads,
+            requires_grad={name: p.requires_grad for name, p in module.named_parameters(remove_duplicate=False)},
+            tensors=None,
+            grads=None,
         )
+        return snapshot.with_tensors(module) if tensors else snapshot
+
+    def with_tensors(self, module: nn.Module) -> "ModuleSnapshot":
+        """This snapshot's attributes and flags with clones of ``module``'s parameters, gradients and buffers as they
+        are now (e.g. modes recorded before a Trainer stage, tensors after it loaded a checkpoint)."""
+        params = dict(module.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            saved = {name: p.detach().clone() for name, p in params.items()}
+            grads = {name: None if p.grad is None else p.grad.detach().clone() for name, p in params.items()}
+            for prefix, sub in module.named_modules(remove_duplicate=False):
+                for name, buffer in sub._buffers.items():
+                    saved[_key(prefix, name)] = None if buffer is None else buffer.detach().clone()
+        return ModuleSnapshot(self.attributes, self.requires_grad, saved, grads)
 
     def values(self) -> "ModuleSnapshot":
         """The captured tensors alone (no copy of a tensor; a dict of their own): restoring the result puts back
@@ -57,15 +61,16 @@ class ModuleSnapshot:
             raise ValueError("This snapshot holds no tensors (captured with tensors=False).")
         return ModuleSnapshot(attributes={}, requires_grad={}, tensors=dict(self.tensors), grads=dict(self.grads))
 
-    def restore(self, module: nn.Module) -> None:
-        """Put ``module`` back exactly as captured (values bitwise, attributes, ``requires_grad``)."""
+    def restore(self, module: nn.Module, tensors: bool = True) -> None:
+        """Put ``module`` back exactly as captured (values bitwise, attributes, ``requires_grad``); with ``tensors``
+        false (default true), only the attributes and ``requires_grad``."""
         for prefix, sub in module.named_modules(remove_duplicate=False):
             for name, value in self.attributes.get(prefix, {}).items():
                 object.__setattr__(sub, name, value)
         params = dict(module.named_parameters(remove_duplicate=False))
         for name, flag in self.requires_grad.items():
             params[name].requires_grad_(flag)
-        if self.tensors is None or self.grads is None:
+        if not tensors or self.tensors is None or self.grads is None:
             return
         with torch.no_grad():
             for name, p in params.items():
