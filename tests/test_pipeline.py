@@ -120,6 +120,98 @@ def test_unknown_role_raises(model, loader, make_trainer):
         pipeline.check_roles([Unknown([])])
 
 
+class Boom(RuntimeError):
+    """The error a life-cycle step raises on purpose."""
+
+
+class Lifecycle(ttc.TestTimeCallback):
+    """A pass-through strategy of any role that records its life cycle and adds one extra per call; raises in
+    ``start`` or ``finish`` on request."""
+
+    def __init__(self, role: str, trace: list, fail: str = "") -> None:
+        super().__init__()
+        self.role, self.trace, self.fail, self.runs = role, trace, fail, []
+
+    def start(self, run):
+        self.trace.append(f"start {self.role}")
+        self.runs.append(run)
+        if self.fail == "start":
+            raise Boom(self.role)
+
+    def wrap(self, inner):
+        self.trace.append(f"wrap {self.role} composed={inner.composed}")
+
+        def step(x):
+            below = inner.forward(x)
+            assert isinstance(below, pipeline.Output)
+            return pipeline.Output(below.value, {**below.extras, self.role: torch.full((len(x),), len(self.trace))})
+
+        return step
+
+    def batch_end(self, run):
+        self.trace.append(f"batch_end {self.role} loader={run.dataloader_idx}")
+
+    def finish(self):
+        self.trace.append(f"finish {self.role}")
+        if self.fail == "finish":
+            raise Boom(self.role)
+
+
+def test_life_cycle_order_run_and_extras_as_return_values(model, loader, make_trainer):
+    trace: list[str] = []
+    strategies = [Lifecycle(role, trace) for role in ("iterative", "adaptation", "augmentation")]
+    trainer = make_trainer(strategies, limit_predict_batches=1)
+    (out,) = trainer.predict(model, loader)
+    assert trace == [
+        "start augmentation",
+        "start iterative",
+        "start adaptation",
+        "wrap augmentation composed=False",
+        "wrap iterative composed=True",
+        "wrap adaptation composed=True",
+        "batch_end iterative loader=0",  # in the Trainer's callback order
+        "batch_end adaptation loader=0",
+        "batch_end augmentation loader=0",
+        "finish adaptation",
+        "finish iterative",
+        "finish augmentation",
+    ]
+    assert list(out) == ["prediction", "augmentation", "iterative", "adaptation"]  # innermost extras first
+    (run,) = strategies[0].runs
+    assert all(s.runs == [run] for s in strategies)  # one run object for the stage
+    assert (run.trainer, run.module, run.stage, run.rank, run.world_size) == (trainer, model, "predict", 0, 1)
+    assert run.precision == "32-true" and run.source is None  # no strategy changes the model: no tensors taken
+    assert "forward" not in model.__dict__ and model.ttc_extras == {}
+
+
+@pytest.mark.parametrize("failing", ["augmentation", "iterative", "adaptation"])
+def test_a_failed_start_finishes_the_started_strategies_and_installs_nothing(failing, model, loader, make_trainer):
+    trace: list[str] = []
+    roles = ("augmentation", "iterative", "adaptation")
+    strategies = [Lifecycle(role, trace, "start" if role == failing else "") for role in roles]
+    trainer = make_trainer(strategies)
+    with pytest.raises(Boom, match=failing):
+        trainer.predict(model, loader)
+    started = roles[: roles.index(failing) + 1]
+    assert trace == [f"start {r}" for r in started] + [f"finish {r}" for r in reversed(started)]
+    assert model.calls == 0 and "forward" not in model.__dict__
+    assert trainer.predict_loop.inference_mode
+
+
+def test_every_strategy_finishes_and_the_model_is_restored_when_one_finish_raises(classifier_cls, loader, make_trainer):
+    trace: list[str] = []
+    model = classifier_cls(norm=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tent = ttc.Tent(optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+    strategies = [tent, Lifecycle("iterative", trace, "finish"), Lifecycle("augmentation", trace)]
+    trainer = make_trainer(strategies, limit_predict_batches=1)
+    with pytest.raises(Boom, match="iterative"):
+        trainer.predict(model, loader)
+    assert trace[-2:] == ["finish iterative", "finish augmentation"] and tent.updates == 1
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "forward" not in model.__dict__ and trainer.predict_loop.inference_mode
+
+
 def test_install_wraps_once_and_uninstall_restores_own_forward(model, images):
     x = images[:8]
     own = model.forward

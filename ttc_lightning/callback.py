@@ -101,12 +101,15 @@ class _Stage:
             strategy.batch_end(self.run)
 
     def finish(self, module: pl.LightningModule) -> None:
-        if self.installed is not None:  # never remove a forward this stage did not install
-            uninstall(module)
-            for strategy in self.strategies:
-                summarise(type(strategy).__name__, strategy.figures())
-        self.snapshot.restore(module, tensors=any(s.modifies_model for s in self.strategies))
-        self.loop.inference_mode = self.inference_mode
+        """Remove the pipeline and restore the model and the loop (also when a strategy's ``finish`` raises)."""
+        try:
+            if self.installed is not None:  # never remove a forward this stage did not install
+                uninstall(module)
+                for strategy in self.strategies:
+                    summarise(type(strategy).__name__, strategy.figures())
+        finally:
+            self.snapshot.restore(module, tensors=any(s.modifies_model for s in self.strategies))
+            self.loop.inference_mode = self.inference_mode
 
 
 class TestTimeCallback(Callback):

@@ -160,8 +160,15 @@ def install(run: Run, strategies: Sequence[Strategy]) -> ComposedForward:
 
 
 def _finish(strategies: Sequence[Strategy]) -> None:
+    """Finish ``strategies`` in reverse order; every one runs even if another raises (the first error is raised)."""
+    error: BaseException | None = None
     for strategy in reversed(strategies):
-        strategy.finish()
+        try:
+            strategy.finish()
+        except BaseException as raised:
+            error = error or raised
+    if error is not None:
+        raise error
 
 
 def uninstall(module: nn.Module) -> None:
