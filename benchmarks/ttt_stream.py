@@ -16,7 +16,7 @@ freed by one configuration cannot hide the growth of the next:
 * ``source``: no adaptation (the reference for memory and throughput);
 * ``tent``: ``ttc.Tent`` (Adam, lr 1e-3), continual, no collapse detection;
 * ``tent-fast``: ``ttc.Tent`` with Adam lr ``--fast-lr``, a rate at which long continual adaptation collapses;
-* ``tent-fast-reset``: the same with ``reset_on_collapse=--collapse-below`` and ``reset_on_nonfinite=True``;
+* ``tent-fast-reset``: the same with ``resets=Resets(on_collapse=--collapse-below, on_nonfinite=True)``;
 * ``sar``: ``ttc.SAR`` defaults (SGD lr 2.5e-4, momentum 0.9, reset below 0.2);
 * ``eata``: ``ttc.EATA`` (Adam lr 1e-3, ``d_margin=0.4`` for 10 classes);
 * ``tent-fast-reset+writer``: ``tent-fast-reset`` with a ``ttc.PredictionWriter`` writing every prediction to a
@@ -278,7 +278,7 @@ def adaptation(name: str, args: argparse.Namespace) -> ttc.TestTimeTraining | No
         "tent": lambda: ttc.Tent(optimizer=adam),
         "tent-fast": lambda: ttc.Tent(optimizer=fast),
         "tent-fast-reset": lambda: ttc.Tent(
-            optimizer=fast, reset_on_collapse=args.collapse_below, reset_on_nonfinite=True
+            optimizer=fast, resets=ttc.Resets(on_collapse=args.collapse_below, on_nonfinite=True)
         ),
         "sar": lambda: ttc.SAR(),
         "eata": lambda: ttc.EATA(optimizer=adam, d_margin=0.4),
@@ -415,7 +415,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of the digits CNN")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each configuration")
     parser.add_argument("--fast-lr", type=float, default=1e-2, help="Adam lr of tent-fast and tent-fast-reset")
-    parser.add_argument("--collapse-below", type=float, default=0.05, help="reset_on_collapse of tent-fast-reset")
+    parser.add_argument("--collapse-below", type=float, default=0.05, help="resets.on_collapse of tent-fast-reset")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--no-census", action="store_true", help="skip the counts after each window")
     parser.add_argument(

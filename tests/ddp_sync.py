@@ -37,14 +37,15 @@ class Net(ttc.TestTimeComputeMixin, L.LightningModule):
 
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+UPDATES, KEEP = ttc.Updates(sync=True), ttc.Persistence(keep_adapted=True)
 PRESETS = {
-    "tent": lambda: ttc.Tent(optimizer=SGD, sync=True, keep_adapted=True),
-    "tent_steps": lambda: ttc.Tent(optimizer=SGD, steps=2, sync=True, keep_adapted=True),
-    "tent_syncbn": lambda: ttc.Tent(optimizer=SGD, sync=True, keep_adapted=True),  # on a SyncBatchNorm model
-    "eata": lambda: ttc.EATA(optimizer=SGD, e_margin=0.9, d_margin=0.9, sync=True, keep_adapted=True),
-    "sar": lambda: ttc.SAR(optimizer=SGD, e_margin=0.9, sync=True, keep_adapted=True),
-    "cotta": lambda: ttc.CoTTA(views=2, sync=True, keep_adapted=True),
-    "memo": lambda: ttc.MEMO(views=2, episodic=False, sync=True, keep_adapted=True),
+    "tent": lambda: ttc.Tent(optimizer=SGD, updates=UPDATES, persistence=KEEP),
+    "tent_steps": lambda: ttc.Tent(optimizer=SGD, steps=2, updates=UPDATES, persistence=KEEP),
+    "tent_syncbn": lambda: ttc.Tent(optimizer=SGD, updates=UPDATES, persistence=KEEP),  # on a SyncBatchNorm model
+    "eata": lambda: ttc.EATA(optimizer=SGD, e_margin=0.9, d_margin=0.9, updates=UPDATES, persistence=KEEP),
+    "sar": lambda: ttc.SAR(optimizer=SGD, e_margin=0.9, updates=UPDATES, persistence=KEEP),
+    "cotta": lambda: ttc.CoTTA(views=2, updates=UPDATES, persistence=KEEP),
+    "memo": lambda: ttc.MEMO(views=2, episodic=False, updates=UPDATES, persistence=KEEP),
 }
 
 if __name__ == "__main__":

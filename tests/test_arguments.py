@@ -2,9 +2,11 @@
 turn, either changes behaviour or is refused by name.
 
 The parameters are discovered from the signatures of the public classes (``ttc_lightning.__all__`` and
-``ttc_lightning.stopping.__all__``; a preset's ``**options`` are its ``shared_options()``, ``TTAWrapper``'s are the
-``Augmenter`` arguments). :data:`TRIALS` gives, for each parameter, one or more trials: a non-default value, the
-other arguments it is built with (empty: all defaults; otherwise an enabling context) and what must happen:
+``ttc_lightning.stopping.__all__``; an option group such as ``updates=Updates(...)`` contributes one parameter per
+field, named ``updates.<field>`` and set through the group, in every class that takes it; ``TTAWrapper``'s
+``**options`` are the ``Augmenter`` arguments). :data:`TRIALS` gives, for each parameter, one or more trials: a
+non-default value, the other arguments it is built with (empty: all defaults; otherwise an enabling context) and
+what must happen:
 
 * ``acts``: the run differs from the same run without the value (the output, the extras, the model's state after
   the stage, the number of forward calls, or the files written);
@@ -13,12 +15,13 @@ other arguments it is built with (empty: all defaults; otherwise an enabling con
 A discovered parameter without a trial fails the test, so a new argument cannot go unchecked. The first trial of a
 parameter is built with every other argument at its default, except for EATA and SAR, whose entropy filters keep no
 sample of this small, unsure model at their defaults (so nothing would be trained): their ``acts`` trials take
-lenient filters. A prerequisite such as ``norm="mix"`` for ``norm_alpha`` gets a trial in its enabling context beside
-the refusal in the default one. The runs are tiny (12 images of 3x6x6, a 4-channel conv net, 3 batches) through
-``Trainer.predict`` for callbacks and the plain-module path for the rest.
+lenient filters. A prerequisite such as ``policy="mix"`` for ``NormStatistics(alpha=...)`` gets a trial in its
+enabling context beside the refusal in the default one. The runs are tiny (12 images of 3x6x6, a 4-channel conv net,
+3 batches) through ``Trainer.predict`` for callbacks and the plain-module path for the rest.
 """
 
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -36,6 +39,8 @@ from ttt_models import trainer
 
 import ttc_lightning as ttc
 from ttc_lightning import stopping
+from ttc_lightning.ttt.anchoring import WeightEnsemble
+from ttc_lightning.ttt.correction import OutputCorrection
 
 SGD = functools.partial(torch.optim.SGD, lr=0.5)
 STEP_LR = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.01)
@@ -43,6 +48,8 @@ STEP_LR = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=
 WARMUP = functools.partial(torch.optim.lr_scheduler.LinearLR, start_factor=0.01, total_iters=10)
 DIR = "@DIR@"  # replaced by each run's own folder
 CLASSES = 3
+#: The option groups, by the parameter name the classes take them under.
+GROUPS: dict[str, type] = {"updates": ttc.Updates, "resets": ttc.Resets, "persistence": ttc.Persistence}
 
 
 class Saved:
@@ -60,6 +67,38 @@ class ProbeNet:
     """A value standing for the run's model (of the probe's kind) with weights from ``seed``, in eval mode."""
 
     seed: int = 0
+
+
+def parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The arguments of ``cls``: its signature's, with an option group's fields (``updates.clip_grad``, ...) and
+    ``TTAWrapper``'s options (the Augmenter's) spelt out."""
+    found: dict[str, inspect.Parameter] = {}
+    signature = inspect.signature(cls.__init__) if cls.__init__ is not object.__init__ else inspect.Signature()
+    for name, parameter in signature.parameters.items():
+        if name == "self" or parameter.kind is parameter.VAR_POSITIONAL:
+            continue
+        if parameter.kind is parameter.VAR_KEYWORD:
+            if cls is not ttc.TTAWrapper:
+                raise AssertionError(f"{cls.__name__} takes **{name}: spell out what it accepts in parameters()")
+            found.update(parameters(ttc.Augmenter))
+        elif isinstance(parameter.default, tuple(GROUPS.values())):
+            for option in dataclasses.fields(parameter.default):
+                dotted = f"{name}.{option.name}"
+                found[dotted] = inspect.Parameter(option.name, parameter.KEYWORD_ONLY, default=option.default)
+        else:
+            found[name] = parameter
+    return found
+
+
+def fold(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the dotted options built into their groups (``updates.tol=1`` -> ``updates=Updates(tol=1)``)."""
+    plain = {k: v for k, v in kwargs.items() if "." not in k}
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in kwargs.items():
+        if "." in key:
+            group, option = key.split(".", 1)
+            grouped.setdefault(group, {})[option] = value
+    return {**plain, **{group: GROUPS[group](**options) for group, options in grouped.items()}}
 
 
 # --- Models and data -----------------------------------------------------------------------------------------------
@@ -153,6 +192,13 @@ def neg_logsumexp(y: torch.Tensor) -> torch.Tensor:
     return -y.logsumexp(1).mean()
 
 
+class Halve(OutputCorrection):
+    """A custom output correction."""
+
+    def __call__(self, prediction: torch.Tensor) -> torch.Tensor:
+        return prediction / 2
+
+
 SEG, POINTS, NAN, TWO_LOADERS = Probe("dense"), Probe("points"), Probe(mark="nan"), Probe(loaders=2)
 #: Non-finite gradients (with a finite loss) on the second batch, which filtering presets keep in their loss.
 NAN_GRADIENTS = Probe("nangrad", mark="zero")
@@ -161,31 +207,40 @@ PATH, PATH2 = f"{DIR}/state.pt", f"{DIR}/other.pt"
 
 #: Test-time training arguments with an optimizer (the gradient presets' shared options).
 GRADIENT_OPTIONS: dict[str, list[Trial]] = {
-    "scheduler": [acts(STEP_LR)],
-    "clip_grad": [acts(1e-4)],
-    "clip_mode": [refused("value"), acts("value", clip_grad=1e-3)],
-    "tol": [refused(1e9), acts(1e9, steps=4)],
-    "reset": [refused("batch"), acts("batch", steps=2), acts("batch", keep_adapted=True)],
-    "reset_on_collapse": [acts(1e9)],
-    "reset_on_nonfinite": [acts(True, NAN)],
-    "keep_adapted": [acts(True)],
-    "save_every_n_batches": [refused(1), acts(1, without=("save_path",), save_path=PATH)],
-    "save_path": [refused(PATH), acts(PATH2, save_every_n_batches=1, save_path=PATH)],
-    "resume_from": [acts(SAVED)],
-    "sync": [refused(True)],  # one process: refused at the start of the stage
+    "updates.scheduler": [acts(STEP_LR)],
+    "updates.clip_grad": [acts(1e-4)],
+    "updates.clip_mode": [refused("value"), acts("value", **{"updates.clip_grad": 1e-3})],
+    "updates.tol": [refused(1e9), acts(1e9, steps=4)],
+    "resets.every": [refused("batch"), acts("batch", steps=2), acts("batch", **{"persistence.keep_adapted": True})],
+    "resets.on_collapse": [acts(1e9)],
+    "resets.on_nonfinite": [acts(True, NAN)],
+    "persistence.keep_adapted": [acts(True)],
+    "persistence.save_every_n_batches": [
+        refused(1),
+        acts(1, without=("persistence.save_path",), **{"persistence.save_path": PATH}),
+    ],
+    "persistence.save_path": [
+        refused(PATH),
+        acts(PATH2, **{"persistence.save_every_n_batches": 1, "persistence.save_path": PATH}),
+    ],
+    "persistence.resume_from": [acts(SAVED)],
+    "updates.sync": [refused(True)],  # one process: refused at the start of the stage
     "flags": [acts(True)],
     "stages": [acts(("test",))],
 }
 EPISODIC = {  # the same options on an episodic preset (reset before every batch) with one step per batch
-    "scheduler": [acts(WARMUP), acts(STEP_LR, episodic=False)],
-    "reset_on_collapse": [refused(1e9), acts(1e9, episodic=False)],
-    "reset_on_nonfinite": [refused(True, NAN), acts(True, NAN, episodic=False)],
+    "updates.scheduler": [acts(WARMUP), acts(STEP_LR, episodic=False)],
+    "resets.every": [refused(2), acts(2, episodic=False)],
+    "resets.on_collapse": [refused(1e9), acts(1e9, episodic=False)],
+    "resets.on_nonfinite": [refused(True, NAN), acts(True, NAN, episodic=False)],
 }
+#: A preset with ``episodic``: a reset rule of its own is refused beside episodic=True.
+EPISODIC_RESETS = [*GRADIENT_OPTIONS["resets.every"], refused(2, episodic=True), acts(2, steps=2)]
 
 
 def shared(cls: type, table: dict[str, list[Trial]]) -> dict[tuple[type, str], list[Trial]]:
     """The trials of ``table`` for the shared options of preset ``cls``."""
-    return {(cls, name): trials for name, trials in table.items() if name in cls.shared_options()}
+    return {(cls, name): trials for name, trials in table.items() if name in parameters(cls)}
 
 
 #: EATA on this model: its filters must let samples through for the options of the update to act.
@@ -242,23 +297,23 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
                 refused("source"),
                 acts("source", optimizer=SGD),
                 refused("ema", GROUP_NORM, optimizer=SGD),
+                acts(ttc.NormStatistics("mix", alpha=0.9)),
+                refused(ttc.NormStatistics("mix", alpha=0.9), GROUP_NORM, optimizer=SGD),
             ],
-            "norm_alpha": [refused(0.9), acts(0.9, norm="mix"), refused(0.9, GROUP_NORM, optimizer=SGD, norm="mix")],
-            "norm_momentum": [refused(0.5), acts(0.5, norm="ema")],
             "steps": [refused(3), acts(3, optimizer=SGD)],
-            "scheduler": [
+            "updates.scheduler": [
                 refused(STEP_LR),
                 acts(STEP_LR, optimizer=SGD),
-                acts(WARMUP, optimizer=SGD, reset=1, keep_adapted=True),
+                acts(WARMUP, optimizer=SGD, **{"resets.every": 1, "persistence.keep_adapted": True}),
             ],
-            "clip_grad": [refused(1e-4), acts(1e-4, optimizer=SGD)],
-            "clip_mode": [
+            "updates.clip_grad": [refused(1e-4), acts(1e-4, optimizer=SGD)],
+            "updates.clip_mode": [
                 refused("value"),
                 refused("value", optimizer=SGD),
-                acts("value", optimizer=SGD, clip_grad=1e-3),
+                acts("value", optimizer=SGD, **{"updates.clip_grad": 1e-3}),
             ],
-            "tol": [refused(1e9), refused(1e9, optimizer=SGD, steps=2), acts(1e9, optimizer=SGD, steps=4)],
-            "reset": [
+            "updates.tol": [refused(1e9), refused(1e9, optimizer=SGD, steps=2), acts(1e9, optimizer=SGD, steps=4)],
+            "resets.every": [
                 refused("batch"),
                 refused("batch", optimizer=SGD),  # one step per batch: every prediction is the source model's
                 acts("batch", optimizer=SGD, steps=2),
@@ -267,20 +322,33 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
                 refused("dataloader", optimizer=SGD),
                 acts("dataloader", TWO_LOADERS, optimizer=SGD),
             ],
-            "reset_on_collapse": [refused(1e9), acts(1e9, optimizer=SGD), refused(1e9, optimizer=SGD, reset="batch")],
-            "reset_on_nonfinite": [refused(True), acts(True, NAN, optimizer=SGD)],
-            "keep_adapted": [refused(True), acts(True, optimizer=SGD), acts(True, norm="ema")],
-            "save_every_n_batches": [
-                refused(1, save_path=PATH),
-                acts(1, without=("save_path",), optimizer=SGD, save_path=PATH),
+            "resets.on_collapse": [
+                refused(1e9),
+                acts(1e9, optimizer=SGD),
+                refused(1e9, optimizer=SGD, **{"resets.every": "batch"}),
             ],
-            "save_path": [refused(PATH), acts(PATH2, optimizer=SGD, save_every_n_batches=1, save_path=PATH)],
-            "resume_from": [refused(SAVED), acts(SAVED, optimizer=SGD), acts(SAVED, norm="ema")],
-            "sync": [refused(True), refused(True, optimizer=SGD)],
+            "resets.on_nonfinite": [refused(True), acts(True, NAN, optimizer=SGD)],
+            "persistence.keep_adapted": [refused(True), acts(True, optimizer=SGD), acts(True, norm="ema")],
+            "persistence.save_every_n_batches": [
+                refused(1, **{"persistence.save_path": PATH}),
+                acts(1, without=("persistence.save_path",), optimizer=SGD, **{"persistence.save_path": PATH}),
+            ],
+            "persistence.save_path": [
+                refused(PATH),
+                acts(PATH2, optimizer=SGD, **{"persistence.save_every_n_batches": 1, "persistence.save_path": PATH}),
+            ],
+            "persistence.resume_from": [refused(SAVED), acts(SAVED, optimizer=SGD), acts(SAVED, norm="ema")],
+            "updates.sync": [refused(True), refused(True, optimizer=SGD)],
+            "anchors": [refused([WeightEnsemble(0.5)]), acts([WeightEnsemble(0.5)], optimizer=SGD)],
+            "correction": [acts(Halve()), acts(Halve(), optimizer=SGD)],
             "flags": [refused(True), acts(True, optimizer=SGD)],
             "stages": [acts(("test",))],
         }.items()
     },
+    # The statistics policy's weights, through TestTimeTraining(norm=NormStatistics(...)).
+    (ttc.NormStatistics, "policy"): [acts("mix"), acts("source", optimizer=SGD)],
+    (ttc.NormStatistics, "alpha"): [refused(0.9), acts(0.9, policy="mix")],
+    (ttc.NormStatistics, "momentum"): [refused(0.5), acts(0.5, policy="ema")],
     # BatchNormAdapt: statistics only; its running statistics carry over only with norm="ema".
     **{
         (ttc.BatchNormAdapt, name): trials
@@ -288,37 +356,48 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
             "norm": [acts("mix")],
             "alpha": [refused(0.9), acts(0.9, norm="mix")],
             "momentum": [refused(0.5), acts(0.5, norm="ema")],
-            "keep_adapted": [refused(True), acts(True, norm="ema")],
-            "reset": [refused("batch"), acts("batch", norm="ema"), refused(2, norm="ema")],
-            "save_every_n_batches": [
-                refused(1, save_path=PATH),
-                acts(1, without=("save_path",), norm="ema", save_path=PATH),
+            "persistence.keep_adapted": [refused(True), acts(True, norm="ema")],
+            "resets.every": [refused("batch"), acts("batch", norm="ema"), refused(2, norm="ema")],
+            "resets.on_collapse": [refused(1e9), refused(1e9, norm="ema")],
+            "resets.on_nonfinite": [refused(True), refused(True, norm="ema")],
+            "persistence.save_every_n_batches": [
+                refused(1, **{"persistence.save_path": PATH}),
+                acts(1, without=("persistence.save_path",), norm="ema", **{"persistence.save_path": PATH}),
             ],
-            "save_path": [refused(PATH), acts(PATH2, norm="ema", save_every_n_batches=1, save_path=PATH)],
-            "resume_from": [refused(SAVED), acts(SAVED, norm="ema")],
+            "persistence.save_path": [
+                refused(PATH),
+                acts(PATH2, norm="ema", **{"persistence.save_every_n_batches": 1, "persistence.save_path": PATH}),
+            ],
+            "persistence.resume_from": [refused(SAVED), acts(SAVED, norm="ema")],
             "stages": [acts(("test",))],
         }.items()
     },
     **shared(ttc.Tent, GRADIENT_OPTIONS),
+    (ttc.Tent, "resets.every"): EPISODIC_RESETS,
     (ttc.Tent, "optimizer"): [acts(SGD)],
     (ttc.Tent, "steps"): [acts(2)],
-    (ttc.Tent, "episodic"): [refused(True), acts(True, steps=2), acts(True, keep_adapted=True)],
+    (ttc.Tent, "episodic"): [refused(True), acts(True, steps=2), acts(True, **{"persistence.keep_adapted": True})],
     (ttc.Tent, "params"): [acts("all")],
     **lenient(shared(ttc.EATA, GRADIENT_OPTIONS), **LENIENT),
+    **lenient({(ttc.EATA, "resets.every"): EPISODIC_RESETS}, **LENIENT),
     (ttc.EATA, "optimizer"): [acts(SGD, **LENIENT)],
     (ttc.EATA, "e_margin"): [acts(2.0)],
-    (ttc.EATA, "d_margin"): [acts(1.0, e_margin=2.0), refused(1.0, episodic=True, keep_adapted=True)],
+    (ttc.EATA, "d_margin"): [
+        acts(1.0, e_margin=2.0),
+        refused(1.0, episodic=True, **{"persistence.keep_adapted": True}),
+    ],
     (ttc.EATA, "fisher_data"): [acts([images()[:4]], **LENIENT)],
     (ttc.EATA, "fisher_alpha"): [refused(1.0), acts(1.0, fisher_data=[images()[:4]], **LENIENT)],
     (ttc.EATA, "steps"): [acts(2, **LENIENT)],
     (ttc.EATA, "episodic"): [refused(True), acts(True, steps=2, **LENIENT)],
     (ttc.EATA, "params"): [acts("all", **LENIENT)],
     **lenient(shared(ttc.SAR, GRADIENT_OPTIONS), e_margin=2.0),
+    (ttc.SAR, "resets.on_collapse"): [refused(1e9), refused(1e9, episodic=True)],  # reset_below sets it
     **lenient(
         {
             (ttc.SAR, "optimizer"): [acts(SGD)],
             (ttc.SAR, "rho"): [acts(5.0)],
-            (ttc.SAR, "reset_below"): [acts(1e9), refused(1e9, episodic=True)],
+            (ttc.SAR, "reset_below"): [acts(1e9), refused(1e9, episodic=True), refused(1e9, **{"resets.every": 1})],
             (ttc.SAR, "steps"): [acts(2)],
             (ttc.SAR, "episodic"): [refused(True), acts(True, steps=2)],
             (ttc.SAR, "params"): [acts("all")],
@@ -337,7 +416,7 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
     (ttc.MEMO, "params"): [acts("batchnorm")],
     **shared(ttc.CoTTA, GRADIENT_OPTIONS),
     (ttc.CoTTA, "optimizer"): [acts(SGD)],
-    (ttc.CoTTA, "ema"): [acts(0.5), refused(1.0), acts(1.0, keep_adapted=True)],
+    (ttc.CoTTA, "ema"): [acts(0.5), refused(1.0), acts(1.0, **{"persistence.keep_adapted": True})],
     (ttc.CoTTA, "restore_prob"): [acts(0.5)],
     (ttc.CoTTA, "anchor_threshold"): [acts(0.0)],
     (ttc.CoTTA, "views"): [acts(2), refused(2, anchor_threshold=0.0)],
@@ -412,12 +491,17 @@ REQUIRED: dict[tuple[type, str], Any] = {
     (stopping.AnyOf, "rules"): [stopping.Confidence(0.9)],
     (stopping.AllOf, "rules"): [stopping.Confidence(0.9)],
 }
-BUILDERS: dict[type, Callable[..., Any]] = {ttc.TestTimeCallback: ttc.TestTimeAugmentation, ttc.Transform: Roll}
+BUILDERS: dict[type, Callable[..., Any]] = {
+    ttc.TestTimeCallback: ttc.TestTimeAugmentation,
+    ttc.Transform: Roll,
+    ttc.NormStatistics: lambda optimizer=None, **k: ttc.TestTimeTraining(optimizer, norm=ttc.NormStatistics(**k)),
+}
 #: Public classes that users do not configure, with the reason.
 RECORDS = {
     stopping.Trace: "the halting loop builds it for the rules to read",
     stopping.StoppingRule: "abstract, without arguments",
     ttc.TestTimeComputeMixin: "a mixin without arguments",
+    **{group: "an option group: its fields are tried in every class that takes it" for group in GROUPS.values()},
 }
 
 
@@ -427,27 +511,6 @@ RECORDS = {
 def public_classes() -> list[type]:
     objects = [getattr(ttc, n) for n in ttc.__all__] + [getattr(stopping, n) for n in stopping.__all__]
     return [obj for obj in objects if inspect.isclass(obj)]
-
-
-def parameters(cls: type) -> dict[str, inspect.Parameter]:
-    """The arguments of ``cls``: its signature's, with a preset's ``**options`` (its shared options) and
-    ``TTAWrapper``'s (the Augmenter's) spelt out."""
-    found: dict[str, inspect.Parameter] = {}
-    signature = inspect.signature(cls.__init__) if cls.__init__ is not object.__init__ else inspect.Signature()
-    for name, parameter in signature.parameters.items():
-        if name == "self" or parameter.kind is parameter.VAR_POSITIONAL:
-            continue
-        if parameter.kind is parameter.VAR_KEYWORD:
-            if issubclass(cls, ttc.TestTimeTraining):
-                base = inspect.signature(ttc.TestTimeTraining.__init__).parameters
-                found.update({option: base[option] for option in cls.shared_options()})
-            elif cls is ttc.TTAWrapper:
-                found.update(parameters(ttc.Augmenter))
-            else:
-                raise AssertionError(f"{cls.__name__} takes **{name}: spell out what it accepts in parameters()")
-            continue
-        found[name] = parameter
-    return found
 
 
 CASES = [(cls, name) for cls in public_classes() if cls not in RECORDS for name in parameters(cls)]
@@ -562,11 +625,11 @@ def observe(cls: type, kwargs: dict[str, Any], probe: Probe, folder: Path) -> Ob
         }
     build = BUILDERS.get(cls, cls)
     try:
-        built = build(**kwargs)
+        built = build(**fold(kwargs))
     except (ValueError, TypeError) as error:
         raise Refusal(str(error)) from error
     model = Net(probe.model)
-    if issubclass(cls, CALLBACKS):
+    if isinstance(built, CALLBACKS):
         try:
             outputs = trainer([built], default_root_dir=folder / "lightning").predict(model, loaders(probe))
         except (ValueError, TypeError) as error:
@@ -600,8 +663,9 @@ def _saved_state(cls: type, kwargs: dict[str, Any], probe: Probe, folder: Path) 
     """A state file written by a run of ``cls`` with the other arguments (a missing file if they refuse saving)."""
     others = {k: v for k, v in kwargs.items() if not isinstance(v, Saved)}
     path = folder.parent / f"{folder.name}-saved" / "state.pt"
+    saves = {"persistence.save_every_n_batches": 1, "persistence.save_path": str(path)}
     try:
-        saving = cls(**others, save_every_n_batches=1, save_path=str(path))
+        saving = BUILDERS.get(cls, cls)(**fold({**others, **saves}))
     except (ValueError, TypeError):
         return str(folder / "missing.pt")
     trainer([saving]).predict(Net(probe.model), loaders(probe))

@@ -105,6 +105,8 @@ def test_iterative_none_is_empty():
     [
         (["+ttc/ttt=tent", "ttc.ttt.episodc=true"], "episodc"),
         (["+ttc/ttt=eata", "ttc.ttt.keep_adpated=true"], "keep_adpated"),
+        (["+ttc/ttt=eata", "ttc.ttt.persistence.keep_adpated=true"], "keep_adpated"),
+        (["+ttc/ttt=tent", "ttc.ttt.keep_adapted=true"], "keep_adapted"),  # moved to persistence
         (["+ttc/tta=d4", "ttc.tta.merg=max"], "merg"),
         (["+ttc/iterative=refine", "ttc.iterative.max_iter=5"], "max_iter"),
     ],
@@ -125,14 +127,15 @@ def test_a_misspelt_argument_in_a_users_config_file_fails_at_composition(tmp_pat
         compose(overrides=["+ttc/ttt=my_tent"])
 
 
-def test_schemas_accept_shared_options_and_other_optimizers():
+def test_schemas_accept_grouped_options_and_other_optimizers():
     cfg = _compose(
         "+ttc/ttt=tent",
-        "ttc.ttt.keep_adapted=true",
+        "ttc.ttt.persistence.keep_adapted=true",
+        "ttc.ttt.updates.clip_grad=0.5",
         "ttc.ttt.optimizer._target_=torch.optim.SGD",
         "+ttc.ttt.optimizer.momentum=0.5",
     )
     tent = instantiate(cfg.ttc.ttt)
-    assert tent.keep_adapted
+    assert tent.persistence == ttc.Persistence(keep_adapted=True) and tent.updater.options.clip_grad == 0.5
     optimizer = tent.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.5

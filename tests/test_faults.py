@@ -20,7 +20,7 @@ STRATEGIES = {
     "refine": lambda: [ttc.IterativeInference("refine", stopping.Converged(1e-6), 5)],
     "sample": lambda: [ttc.IterativeInference("sample", max_iters=3)],
     "bn": lambda: [ttc.BatchNormAdapt()],
-    "tent": lambda: [ttc.Tent(optimizer=SGD, reset_on_nonfinite=True)],
+    "tent": lambda: [ttc.Tent(optimizer=SGD, resets=ttc.Resets(on_nonfinite=True))],
     "eata": lambda: [ttc.EATA(optimizer=SGD, e_margin=0.9, d_margin=0.9)],
     "sar": lambda: [ttc.SAR(optimizer=SGD, e_margin=0.9)],
     "memo": lambda: [ttc.MEMO(optimizer=SGD, views=2)],

@@ -285,12 +285,16 @@ def test_lightning_cli_builds_the_same_callbacks_from_yaml(tmp_path):
     assert type(tent) is ttc.Tent and type(writer) is ttc.PredictionWriter
     optimizer = tent.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 1e-3
+    assert tent.updater.options == ttc.Updates(clip_grad=100.0)
     assert len(tta.augmenter) == 15 and repr(tta.augmenter.stop) == "Confidence(0.95)"
     # the CLI's callbacks predict what the same callbacks built in Python predict
     model, loader = cli.model.eval(), cli.datamodule.predict_dataloader()
     ours = torch.cat(trainer([tent, tta]).predict(model, loader))
     stop = ttc.stopping.Confidence(0.95)
-    reference = [ttc.Tent(), ttc.TestTimeAugmentation(["shift", "multiscale"], stop=stop)]
+    reference = [
+        ttc.Tent(updates=ttc.Updates(clip_grad=100.0)),
+        ttc.TestTimeAugmentation(["shift", "multiscale"], stop=stop),
+    ]
     torch.testing.assert_close(ours, torch.cat(trainer(reference).predict(model, loader)))
 
 

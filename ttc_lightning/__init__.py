@@ -27,8 +27,12 @@ from ttc_lightning.ttt.bn import BatchNormAdapt
 from ttc_lightning.ttt.cotta import CoTTA
 from ttc_lightning.ttt.eata import EATA
 from ttc_lightning.ttt.memo import MEMO
+from ttc_lightning.ttt.norm import NormStatistics
+from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.resets import Resets
 from ttc_lightning.ttt.sar import SAR
 from ttc_lightning.ttt.tent import Tent
+from ttc_lightning.ttt.updater import Updates
 from ttc_lightning.writer import PredictionWriter, load_predictions, merge_parts
 
 __version__ = "0.1.0"
@@ -46,8 +50,11 @@ __all__ = [
     "Identity",
     "IterativeInference",
     "Multiply",
+    "NormStatistics",
+    "Persistence",
     "PredictionWriter",
     "RandomAugment",
+    "Resets",
     "Resize",
     "Rotate90",
     "Scale",
@@ -59,6 +66,7 @@ __all__ = [
     "TestTimeTraining",
     "Transform",
     "Transpose",
+    "Updates",
     "VFlip",
     "__version__",
     "data",

@@ -94,7 +94,7 @@ def test_parity_with_the_authors_loop(threshold):
         torch.testing.assert_close(pred, target, rtol=1e-5, atol=1e-5)
     for got, want in zip(rec.params, students, strict=True):
         close(got, want)
-    close(cotta.teacher, teachers[-1])  # the teacher's EMA values after the stream
+    close(cotta.teacher.values, teachers[-1])  # the teacher's EMA values after the stream
     assert cotta.anchor_confidence == pytest.approx(confidences[-1], rel=1e-5)
     assert cotta.updates == 3
 
@@ -141,15 +141,17 @@ def test_no_restore_with_restore_prob_zero():
 def test_full_restore_with_restore_prob_one():
     x = images(16, seed=4)
     model = ConvNet(scale=5, conv_bias=False)
-    cotta = ttc.CoTTA(optimizer=ADAM, restore_prob=1.0, ema=0.5, anchor_threshold=0.0, keep_adapted=True)
+    cotta = ttc.CoTTA(
+        optimizer=ADAM, restore_prob=1.0, ema=0.5, anchor_threshold=0.0, persistence=ttc.Persistence(keep_adapted=True)
+    )
     _, rec = run(model, cotta, x)
     source = [p.detach().clone() for p in ConvNet(scale=5, conv_bias=False).net.parameters()]
     for params in rec.params:
         for p, s in zip(params, source, strict=True):
             assert torch.equal(p, s)  # the student is the source after every batch
     _, _, teachers, _, _ = cotta_reference(model.net, list(x.split(8)), ADAM, 0.0, 2, 0, ema=0.5, restore_prob=1.0)
-    close(cotta.teacher, teachers[-1])
-    assert any(not torch.equal(t, s) for t, s in zip(cotta.teacher, source, strict=True))
+    close(cotta.teacher.values, teachers[-1])
+    assert any(not torch.equal(t, s) for t, s in zip(cotta.teacher.values, source, strict=True))
 
 
 def test_teacher_frozen_with_ema_one():
@@ -160,11 +162,11 @@ def test_teacher_frozen_with_ema_one():
     with pytest.raises(ValueError, match=r"`ema`=1.0 leaves the `optimizer` without effect"):
         ttc.CoTTA(ema=1.0)  # the student's training would be thrown away
     adam = functools.partial(torch.optim.Adam, lr=0.1)
-    cotta = ttc.CoTTA(optimizer=adam, ema=1.0, anchor_threshold=0.0, keep_adapted=True)
+    cotta = ttc.CoTTA(optimizer=adam, ema=1.0, anchor_threshold=0.0, persistence=ttc.Persistence(keep_adapted=True))
     source = [p.detach().clone() for p in model.net.parameters()]
     reference = copy.deepcopy(model.net)
     preds, rec = run(model, cotta, x)
-    for t, s in zip(cotta.teacher, source, strict=True):
+    for t, s in zip(cotta.teacher.values, source, strict=True):
         assert torch.equal(t, s)
     with torch.no_grad():
         expected = [batch_stats(reference)(b) for b in x.split(8)]
@@ -180,7 +182,7 @@ def test_teacher_follows_the_student_with_ema_zero():
     model = ConvNet(scale=5, conv_bias=False)
     cotta = ttc.CoTTA(optimizer=ADAM, ema=0.0, restore_prob=0.0, anchor_threshold=0.0)
     _, rec = run(model, cotta, x)
-    close(cotta.teacher, rec.params[-1], rtol=0, atol=0)
+    close(cotta.teacher.values, rec.params[-1], rtol=0, atol=0)
 
 
 def test_default_settings_match_the_reference():
@@ -194,7 +196,7 @@ def test_default_settings_match_the_reference():
     )
     assert confidences[0] < 0.92  # the augmented branch
     torch.testing.assert_close(preds[0], targets[0], rtol=1e-5, atol=1e-5)
-    close(cotta.teacher, teachers[0])
+    close(cotta.teacher.values, teachers[0])
 
 
 @pytest.mark.parametrize("chunk_size", [1, None], ids=["views_one_by_one", "views_stacked"])

@@ -222,7 +222,7 @@ def test_episodic_reset_clears_the_moving_average():
     batches = constructed_batches()
     # keep_adapted: episodic with one step predicts with the source model only, refused unless the last adaptation
     # is kept
-    eata = ttc.EATA(optimizer=SGD, params="all", episodic=True, keep_adapted=True)
+    eata = ttc.EATA(optimizer=SGD, params="all", episodic=True, persistence=ttc.Persistence(keep_adapted=True))
     preds, rec = run(LogitNet(), eata, torch.cat(batches))
     outputs, kept, history, _ = logit_reference(batches, episodic=True)
     assert kept[1].tolist() == [True, True, True, False, True, True]

@@ -50,7 +50,7 @@ def test_reset_on_nonfinite_resets_before_the_next_batch(reset):
     x = logits_batches()
     x = torch.cat([x, x])  # four batches; the second holds a NaN
     x[5, 0] = math.nan
-    callback = ttc.Tent(optimizer=SGD, params="all", reset_on_nonfinite=reset)
+    callback = ttc.Tent(optimizer=SGD, params="all", resets=ttc.Resets(on_nonfinite=reset))
     with pytest.warns(UserWarning, match="non-finite loss"):
         trainer([callback]).predict(LogitNet(), loader(x, 4))
     assert callback.skipped == 1 and callback.resets == int(reset)

@@ -246,7 +246,12 @@ def test_ema_carries_over_between_batches_and_equals_the_formula(momentum, make_
 def test_ema_keep_adapted_keeps_the_final_statistics(make_trainer):
     model, x = Net(), images(20)
     source = copy.deepcopy(model.net)
-    predict(model, [ttc.BatchNormAdapt(norm="ema", momentum=0.3, keep_adapted=True)], loader(x), make_trainer)
+    predict(
+        model,
+        [ttc.BatchNormAdapt(norm="ema", momentum=0.3, persistence=ttc.Persistence(keep_adapted=True))],
+        loader(x),
+        make_trainer,
+    )
     _, history = ema_reference(source, x.split(8), 0.3)
     layers = [m for m in model.net if isinstance(m, BN)]
     for layer, (mean, var) in zip(layers, history[-1], strict=True):
@@ -372,7 +377,9 @@ def test_policy_on_a_plain_module_and_its_cleanup():
         assert torch.equal(net(x), source(x))
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"norm": "mix"}, {"norm": "ema", "keep_adapted": True}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"norm": "mix"}, {"norm": "ema", "persistence": ttc.Persistence(keep_adapted=True)}]
+)
 def test_after_the_run_the_model_trains_normally(kwargs, make_trainer):
     """The statistics left in the model after a run under the default ``inference_mode=True`` must be ordinary
     tensors: a later training step (BatchNorm updates its running statistics in place, autograd saves them) works."""

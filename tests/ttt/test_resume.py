@@ -31,34 +31,42 @@ def run(callback, data):
 def test_resumed_run_equals_the_uninterrupted_one(name, tmp_path):
     make, path = PRESETS[name], str(tmp_path / "state.pt")
     full = run(make(), DATA)
-    first = run(make(save_every_n_batches=2, save_path=path), Subset(DATA, range(32)))  # "interrupted" after 4
+    first = run(
+        make(persistence=ttc.Persistence(save_every_n_batches=2, save_path=path)), Subset(DATA, range(32))
+    )  # "interrupted" after 4
     state = torch.load(path, weights_only=False)
     seen = state["counters"]["samples_seen"]
     assert seen == 32 and state["preset"] == type(make()).__name__
-    rest = run(make(resume_from=path), Subset(DATA, range(seen, len(DATA))))
+    rest = run(make(persistence=ttc.Persistence(resume_from=path)), Subset(DATA, range(seen, len(DATA))))
     torch.testing.assert_close(first, full[:32], rtol=0, atol=0)
     torch.testing.assert_close(rest, full[seen:], rtol=1e-6, atol=1e-6)
 
 
 def test_the_state_is_saved_every_n_batches(tmp_path):
     path = str(tmp_path / "state.pt")
-    run(ttc.Tent(optimizer=SGD, save_every_n_batches=4, save_path=path), Subset(DATA, range(40)))  # 5 batches
+    run(
+        ttc.Tent(optimizer=SGD, persistence=ttc.Persistence(save_every_n_batches=4, save_path=path)),
+        Subset(DATA, range(40)),
+    )  # 5 batches
     assert torch.load(path, weights_only=False)["counters"]["batches_seen"] == 4
 
 
 def test_a_state_from_another_preset_is_refused(tmp_path):
     path = str(tmp_path / "state.pt")
-    run(ttc.Tent(optimizer=SGD, save_every_n_batches=1, save_path=path), Subset(DATA, range(8)))
+    run(
+        ttc.Tent(optimizer=SGD, persistence=ttc.Persistence(save_every_n_batches=1, save_path=path)),
+        Subset(DATA, range(8)),
+    )
     with pytest.raises(ValueError, match="saved by Tent, not EATA"):
-        run(ttc.EATA(resume_from=path), DATA)
+        run(ttc.EATA(persistence=ttc.Persistence(resume_from=path)), DATA)
 
 
 def test_saving_needs_a_path_and_no_state_exists_outside_a_stage():
     with pytest.raises(ValueError, match="save_path"):
-        ttc.Tent(save_every_n_batches=3)
+        ttc.Persistence(save_every_n_batches=3)
     with pytest.raises(ValueError, match="save_every_n_batches"):
-        ttc.Tent(save_every_n_batches=0, save_path="x.pt")
-    assert ttc.Tent().state_dict() == {}
+        ttc.Persistence(save_every_n_batches=0, save_path="x.pt")
+    assert ttc.Tent().adaptation_state() == {}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

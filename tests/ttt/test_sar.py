@@ -255,7 +255,7 @@ def test_group_and_layer_norm_models_adapt_at_batch_size_one(norm):
     model = ConvNet(norm=norm, scale=15)
     index = 1 if norm == "group" else 4
     assert isinstance(model.net[index], torch.nn.GroupNorm if norm == "group" else torch.nn.LayerNorm)
-    sar = ttc.SAR(optimizer=SGD, e_margin=0.9, keep_adapted=True)
+    sar = ttc.SAR(optimizer=SGD, e_margin=0.9, persistence=ttc.Persistence(keep_adapted=True))
     preds, rec = run(model, sar, x, 1, names=[f"net.{index}.weight", f"net.{index}.bias"])
     net = ConvNet(norm=norm, scale=15).net
     outputs, history, updated, *_ = sar_reference(

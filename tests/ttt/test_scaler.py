@@ -16,7 +16,7 @@ SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 def run(model, scale=None, monkeypatch=None):
     if scale is not None:
         monkeypatch.setattr(base, "grad_scaler", lambda _, params: torch.amp.GradScaler("cpu", init_scale=scale))
-    callback = ttc.Tent(optimizer=SGD, keep_adapted=True)
+    callback = ttc.Tent(optimizer=SGD, persistence=ttc.Persistence(keep_adapted=True))
     predictions = torch.cat(trainer([callback]).predict(model, loader(images())))
     return predictions, callback
 
@@ -42,7 +42,7 @@ def test_an_overflowing_scale_skips_the_update_and_backs_off(monkeypatch):
     with pytest.warns(UserWarning, match="non-finite gradients"):
         _, callback = run(model, scale=2.0**127, monkeypatch=monkeypatch)  # gradients overflow float32
     assert callback.skipped >= 1
-    assert callback._scaler.get_scale() < 2.0**127  # backed off after the overflow
+    assert callback.updater.scaler.get_scale() < 2.0**127  # backed off after the overflow
     assert callback.updates + callback.skipped == 3
     if callback.updates == 0:
         for key, value in model.state_dict().items():

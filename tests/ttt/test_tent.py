@@ -276,7 +276,7 @@ def test_inputs_created_in_inference_mode_are_adapted_on(make_trainer):
 def test_keep_adapted_keeps_parameters_and_returns_source_statistics(make_trainer):
     model, x = odd_state(Net()), images()
     before, source = state(model), copy.deepcopy(model.net)
-    tent = ttc.Tent(optimizer=SGD, steps=2, keep_adapted=True)
+    tent = ttc.Tent(optimizer=SGD, steps=2, persistence=ttc.Persistence(keep_adapted=True))
     trainer = make_trainer([tent])
     trainer.predict(model, loader(x))
     _, history, _, _ = tent_reference(source, x.split(8), SGD, steps=2)
@@ -296,8 +296,12 @@ def test_keep_adapted_twice_continues_the_adaptation(make_trainer):
     optimizer state to lose between the runs)."""
     model, x = Net(), images(32)
     sgd = functools.partial(torch.optim.SGD, lr=0.5)
-    first = make_trainer([ttc.Tent(optimizer=sgd, keep_adapted=True)]).predict(model, loader(x[:16]))
-    second = make_trainer([ttc.Tent(optimizer=sgd, keep_adapted=True)]).predict(model, loader(x[16:]))
+    first = make_trainer([ttc.Tent(optimizer=sgd, persistence=ttc.Persistence(keep_adapted=True))]).predict(
+        model, loader(x[:16])
+    )
+    second = make_trainer([ttc.Tent(optimizer=sgd, persistence=ttc.Persistence(keep_adapted=True))]).predict(
+        model, loader(x[16:])
+    )
     outputs, history, _, _ = tent_reference(Net().net, x.split(8), sgd)
     torch.testing.assert_close(torch.cat(first + second), torch.cat(outputs), rtol=0, atol=1e-6)
     torch.testing.assert_close(model.net[1].weight.detach(), history[-1][0], rtol=0, atol=1e-6)

@@ -162,7 +162,7 @@ def test_scheduler_is_stepped_after_every_update(make_trainer):
         schedulers.append(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
         return schedulers[-1]
 
-    tt = ttc.TestTimeTraining(optimizer=sgd(0.8), scheduler=scheduler, steps=2)
+    tt = ttc.TestTimeTraining(optimizer=sgd(0.8), updates=ttc.Updates(scheduler=scheduler), steps=2)
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
 
     def update(params, k):  # SGD with the learning rate of update k written out: 0.8 * 0.5**k
@@ -184,7 +184,9 @@ def test_a_reset_starts_a_fresh_optimizer_and_scheduler(make_trainer):
         schedulers.append(torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
         return schedulers[-1]
 
-    tt = ttc.TestTimeTraining(optimizer=sgd(0.8), scheduler=scheduler, steps=2, reset="batch")
+    tt = ttc.TestTimeTraining(
+        optimizer=sgd(0.8), updates=ttc.Updates(scheduler=scheduler), steps=2, resets=ttc.Resets(every="batch")
+    )
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
 
     def update(params, k):
@@ -207,7 +209,7 @@ def huge(out):
 
 def test_clip_grad_norm_bounds_the_total_norm(make_trainer):
     model, x = Net(), images()
-    tt = ttc.TestTimeTraining(optimizer=sgd(1.0), objective=huge, clip_grad=0.05, clip_mode="norm")
+    tt = ttc.TestTimeTraining(optimizer=sgd(1.0), objective=huge, updates=ttc.Updates(clip_grad=0.05, clip_mode="norm"))
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
 
     def update(params, k):  # SGD lr=1 on gradients scaled to total L2 norm <= 0.05, written out
@@ -226,7 +228,9 @@ def test_clip_grad_norm_bounds_the_total_norm(make_trainer):
 
 def test_clip_grad_value_clamps_every_component(make_trainer):
     model, x = Net(), images()
-    tt = ttc.TestTimeTraining(optimizer=sgd(1.0), objective=huge, clip_grad=0.01, clip_mode="value")
+    tt = ttc.TestTimeTraining(
+        optimizer=sgd(1.0), objective=huge, updates=ttc.Updates(clip_grad=0.01, clip_mode="value")
+    )
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
 
     def update(params, k):
@@ -247,7 +251,7 @@ def test_clip_grad_value_clamps_every_component(make_trainer):
 def test_tol_extremes(tol, per_batch, make_trainer):
     """A huge tol stops each batch after its second step; tol=0 never stops early (|change| < 0 never holds)."""
     model, x = Net(), images()
-    tt = ttc.TestTimeTraining(optimizer=sgd(0.5), steps=5, tol=tol)
+    tt = ttc.TestTimeTraining(optimizer=sgd(0.5), steps=5, updates=ttc.Updates(tol=tol))
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
     outputs, history, forwards, _ = reference(model.net, x.split(8), plain_sgd(0.5), steps=5, tol=tol)
     assert model.calls == forwards == 3 * per_batch
@@ -260,7 +264,7 @@ def test_tol_stops_each_batch_where_the_loss_settles(make_trainer):
     """With SGD lr=1 the loss changes grow as the adaptation goes on (about 0.0026 at first, 0.0032 and more later):
     tol=0.003 stops the first two batches after two steps and lets the last two run all six."""
     model, x = Net(), images(32)
-    tt = ttc.TestTimeTraining(optimizer=sgd(1.0), steps=6, tol=0.003)
+    tt = ttc.TestTimeTraining(optimizer=sgd(1.0), steps=6, updates=ttc.Updates(tol=0.003))
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
     outputs, history, forwards, _ = reference(model.net, x.split(8), plain_sgd(1.0), steps=6, tol=0.003)
     assert forwards == 2 + 2 + 6 + 6  # the rule really decides per batch
@@ -279,7 +283,7 @@ def test_tol_stops_each_batch_where_the_loss_settles(make_trainer):
 def test_reset_policies_match_the_loop_with_resets(reset, steps, reset_before, make_trainer):
     """An int N resets before the first batch that starts with at least N updates since the last reset."""
     model, x = Net(), images(40)
-    tt = ttc.TestTimeTraining(optimizer=sgd(0.5, momentum=0.9), steps=steps, reset=reset)
+    tt = ttc.TestTimeTraining(optimizer=sgd(0.5, momentum=0.9), steps=steps, resets=ttc.Resets(every=reset))
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
     momentum = {}
 
@@ -298,7 +302,7 @@ def test_reset_policies_match_the_loop_with_resets(reset, steps, reset_before, m
 @pytest.mark.parametrize(("reset", "resets"), [("dataloader", 1), ("never", 0)])
 def test_reset_per_dataloader(reset, resets, make_trainer):
     model, a, b = Net(), images(16, seed=1), images(24, seed=2) * 0.5 - 1
-    tt = ttc.TestTimeTraining(optimizer=sgd(0.5), reset=reset)
+    tt = ttc.TestTimeTraining(optimizer=sgd(0.5), resets=ttc.Resets(every=reset))
     preds, probe, _ = run(model, tt, [loader(a), loader(b)], make_trainer)
     assert [len(p) for p in preds] == [2, 3]
     outputs, history, _, _ = reference(
@@ -327,7 +331,7 @@ def test_reset_on_collapse_follows_the_smoothed_loss(make_trainer):
         return objective
 
     model, x = Net(), images(72)
-    tt = ttc.TestTimeTraining(optimizer=sgd(0.5), objective=scripted(), reset_on_collapse=0.85)
+    tt = ttc.TestTimeTraining(optimizer=sgd(0.5), objective=scripted(), resets=ttc.Resets(on_collapse=0.85))
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
 
     # the collapse rule written out
@@ -349,7 +353,7 @@ def test_reset_on_collapse_follows_the_smoothed_loss(make_trainer):
 
 def test_reset_on_collapse_above_every_entropy_is_episodic(make_trainer):
     model, x = Net(), images()
-    tt = ttc.TestTimeTraining(optimizer=sgd(0.5), reset_on_collapse=10.0)
+    tt = ttc.TestTimeTraining(optimizer=sgd(0.5), resets=ttc.Resets(on_collapse=10.0))
     preds, probe, _ = run(model, tt, loader(x), make_trainer)
     outputs, history, _, _ = reference(model.net, x.split(8), plain_sgd(0.5), reset_before={1, 2})
     assert_outputs(preds, outputs)
@@ -428,12 +432,6 @@ def test_kept_fraction_of_a_filtering_objective(make_trainer):
         ({"steps": -1}, "steps"),
         ({"steps": 1.5}, "steps"),
         ({"steps": True}, "steps"),
-        ({"reset": "sometimes"}, "reset"),
-        ({"reset": 0}, "reset"),
-        ({"clip_mode": "x"}, "clip_mode"),
-        ({"clip_grad": -1.0}, "clip_grad"),
-        ({"tol": -1e-3}, "tol"),
-        ({"reset_on_collapse": -0.5}, "reset_on_collapse"),
         ({"objective": "entropie"}, "objective"),
         ({"norm": "running"}, "norm"),
         ({"stages": ("fit",)}, "stages"),
@@ -442,6 +440,29 @@ def test_kept_fraction_of_a_filtering_objective(make_trainer):
 def test_bad_arguments_are_value_errors_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         ttc.TestTimeTraining(optimizer=sgd(0.5), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("group", "kwargs", "name"),
+    [
+        (ttc.Resets, {"every": "sometimes"}, "resets.every"),
+        (ttc.Resets, {"every": 0}, "resets.every"),
+        (ttc.Updates, {"clip_mode": "x"}, "updates.clip_mode"),
+        (ttc.Updates, {"clip_grad": -1.0}, "updates.clip_grad"),
+        (ttc.Updates, {"tol": -1e-3}, "updates.tol"),
+        (ttc.Resets, {"on_collapse": -0.5}, "resets.on_collapse"),
+    ],
+)
+def test_bad_grouped_options_are_value_errors_naming_them(group, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        group(**kwargs)
+
+
+def test_a_group_of_the_wrong_kind_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match=r"`resets`=.*must be a ttc_lightning.Resets"):
+        ttc.TestTimeTraining(optimizer=sgd(0.5), resets=ttc.Updates())
+    with pytest.raises(TypeError, match="`anchors`"):
+        ttc.TestTimeTraining(optimizer=sgd(0.5), anchors=[ttc.Updates()])
 
 
 def test_preset_arguments_are_checked_too():

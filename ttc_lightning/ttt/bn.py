@@ -1,9 +1,11 @@
 """``BatchNormAdapt``: statistics-only test-time adaptation of BatchNorm layers."""
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
 
-from ttc_lightning.checks import check_range, check_unused
 from ttc_lightning.ttt.base import TestTimeTraining
+from ttc_lightning.ttt.norm import NormStatistics
+from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.resets import Resets
 
 
 class BatchNormAdapt(TestTimeTraining):
@@ -18,54 +20,29 @@ class BatchNormAdapt(TestTimeTraining):
             is refused. Default ``"batch"``.
         alpha: source weight for ``mix`` (refused with another ``norm``). Default ``0.5``.
         momentum: batch weight for ``ema`` (refused with another ``norm``). Default ``0.1``.
-        **options: the :class:`~ttc_lightning.TestTimeTraining` arguments that act without gradient steps:
-            ``stages``, and with ``norm="ema"`` (whose running statistics carry over) ``keep_adapted``, ``reset``
-            (``"batch"`` or ``"dataloader"``), ``save_every_n_batches``, ``save_path`` and ``resume_from``. The
-            gradient options (``objective``, ``params``, ``steps``, ``scheduler``, ``clip_grad``, ``clip_mode``,
-            ``tol``, ``reset_on_collapse``, ``reset_on_nonfinite``, ``sync``, ``flags``) are refused, as nothing is
-            trained (:attr:`unused_options` says why for each).
+        resets: with ``norm="ema"`` (whose running statistics carry over), ``every="batch"`` or ``"dataloader"``
+            (:class:`~ttc_lightning.Resets`; its other options need gradient steps and are refused).
+        persistence: with ``norm="ema"``, keep, save and resume the running statistics
+            (:class:`~ttc_lightning.Persistence`; refused with another ``norm``, which stores nothing).
+        stages: Trainer stages to act in. Default ``("predict",)``.
+
+    Raises:
+        ValueError: for a bad value or an argument that cannot act given the others (by name, with why and a remedy).
 
     Example::
 
         trainer = L.Trainer(callbacks=[ttc.BatchNormAdapt()])
     """
 
-    fixed_options: ClassVar[tuple[str, ...]] = ("optimizer", "norm_alpha", "norm_momentum")
-    unused_options: ClassVar[dict[str, str]] = {
-        "objective": "nothing is trained, so no objective is minimised",
-        "params": "nothing is trained, so no parameter is adapted (only the BatchNorm statistics)",
-        "steps": "nothing is trained, so there are no update steps",
-        "scheduler": "nothing is trained, so there is no learning rate to schedule",
-        "clip_grad": "nothing is trained, so there are no gradients to clip",
-        "clip_mode": "nothing is trained, so there are no gradients to clip",
-        "tol": "nothing is trained, so there are no steps to end early",
-        "reset_on_collapse": "nothing is trained, so there is no loss whose collapse could be watched",
-        "reset_on_nonfinite": "nothing is trained, so there is no loss or gradient that could be non-finite",
-        "sync": "nothing is trained, so there are no gradients or decisions to synchronise (each process normalises "
-        "with its own statistics)",
-        "flags": "the flags describe gradient steps (samples kept in the loss, skipped updates), and it takes none",
-    }
-
     def __init__(
         self,
         norm: str = "batch",
         alpha: float = 0.5,
         momentum: float = 0.1,
-        **options: Any,
+        resets: Resets = Resets(),  # noqa: B008 (frozen)
+        persistence: Persistence = Persistence(),  # noqa: B008 (frozen)
+        stages: Sequence[str] = ("predict",),
     ) -> None:
-        self.check_options(options)
-        check_range("alpha", alpha, 0, 1)
-        check_range("momentum", momentum, 0, 1, low_open=True)
-        if norm != "mix":
-            why = f"it weighs the source statistics of norm='mix', and norm={norm!r}"
-            check_unused("alpha", alpha, 0.5, why, "Set norm='mix' or drop it")
-        if norm != "ema":
-            why = f"it weighs each batch in the running statistics of norm='ema', and norm={norm!r}"
-            check_unused("momentum", momentum, 0.1, why, "Set norm='ema' or drop it")
-        super().__init__(
-            optimizer=None,
-            norm=norm,
-            norm_alpha=alpha,
-            norm_momentum=momentum,
-            **options,
-        )
+        statistics = NormStatistics(norm, alpha, momentum)
+        super().__init__(optimizer=None, norm=statistics, resets=resets, persistence=persistence, stages=stages)
+        self.norm_arguments = statistics.given()

@@ -1,35 +1,24 @@
 """``CoTTA``: continual test-time adaptation (Wang, Fink, Van Gool and Dai, CVPR 2022)."""
 
 import functools
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from ttc_lightning.checks import check_int, check_range, check_unused
 from ttc_lightning.ops.augmix import RandomAugment, check_image_batch
 from ttc_lightning.ops.entropy import soft_cross_entropy
-from ttc_lightning.ops.seeding import seeded_generator
 from ttc_lightning.pipeline import Forward, Inner, Output
-from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.anchoring import EMATeacher, StochasticRestore, swapped
+from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec
-
-
-@contextmanager
-def swapped(params: Sequence[nn.Parameter], values: Sequence[Tensor]) -> Iterator[None]:
-    """Run with ``params`` holding ``values`` (no copy: their storage is exchanged and put back)."""
-    saved = [p.data for p in params]
-    for p, value in zip(params, values, strict=True):
-        p.data = value
-    try:
-        yield
-    finally:
-        for p, data in zip(params, saved, strict=True):
-            p.data = data
+from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.resets import Resets
+from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
 
 class CoTTA(TestTimeTraining):
@@ -75,16 +64,18 @@ class CoTTA(TestTimeTraining):
         augment: the random augmentation. Default ``RandomAugment()`` (seed 0 + rank).
         params: which parameters adapt. Default ``"all"``.
         steps: updates per batch. Default ``1``.
-        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
-            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
+        updates: scheduler, clipping, early stop and sync of the updates (:class:`~ttc_lightning.Updates`).
+        resets: further resets (:class:`~ttc_lightning.Resets`; CoTTA is continual by default).
+        persistence: keep, save and resume the adaptation (:class:`~ttc_lightning.Persistence`).
+        flags: per-sample ``kept`` and ``skipped`` extras (see :class:`~ttc_lightning.TestTimeTraining`). Default
+            ``False``.
+        stages: Trainer stages to act in. Default ``("predict",)``.
+
+    Raises:
+        ValueError: for a bad value or an argument that cannot act given the others (by name, with why and a remedy).
+        TypeError: for an ``augment`` that is not a ``ttc.RandomAugment``.
     """
 
-    fixed_options: ClassVar[tuple[str, ...]] = ("norm",)
-    unused_options: ClassVar[dict[str, str]] = {
-        "objective": "its loss is the cross entropy to the teacher's (augmentation-averaged) target, which a custom "
-        "objective cannot replace (use ttc.TestTimeTraining(objective=...) for another loss)",
-        **BATCH_STATISTICS,
-    }
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
@@ -97,25 +88,42 @@ class CoTTA(TestTimeTraining):
         augment: RandomAugment | None = None,
         params: ParamSpec = "all",
         steps: int = 1,
-        **options: Any,
+        updates: Updates = Updates(),  # noqa: B008 (frozen)
+        resets: Resets = Resets(),  # noqa: B008 (frozen)
+        persistence: Persistence = Persistence(),  # noqa: B008 (frozen)
+        flags: bool = False,
+        stages: Sequence[str] = ("predict",),
     ) -> None:
-        self.check_options(options)
-        super().__init__(optimizer=optimizer, params=params, norm="batch", steps=steps, **options)
-        self.ema = check_range("ema", ema, 0, 1)
-        if self.ema == 1 and not options.get("keep_adapted", False):
-            raise ValueError(
-                "`ema`=1.0 leaves the `optimizer` without effect: it freezes the teacher, whose output is CoTTA's "
-                "prediction, so no update of the student ever reaches one (they are the source model's). Use ema < 1, "
-                "or keep_adapted=True to keep the trained student."
-            )
-        self.restore_prob = check_range("restore_prob", restore_prob, 0, 1)
-        self.anchor_threshold = check_range("anchor_threshold", anchor_threshold, 0, 1)
-        self.views = check_int("views", views, 1)
         if augment is not None and not isinstance(augment, RandomAugment):
             raise TypeError(
                 f"`augment`={augment!r} must be a ttc.RandomAugment (CoTTA seeds its restore masks from it and saves "
                 "its generator) or None."
             )
+        self.augment = augment or RandomAugment()
+        self.teacher = EMATeacher(ema)
+        self.restore = StochasticRestore(restore_prob, seed=self.augment.seed)
+        super().__init__(
+            optimizer=optimizer,
+            params=params,
+            norm="batch",
+            steps=steps,
+            updates=updates,
+            resets=resets,
+            persistence=persistence,
+            anchors=(self.teacher, self.restore),
+            flags=flags,
+            stages=stages,
+        )
+        self.ema = self.teacher.momentum
+        if self.ema == 1 and not persistence.keep_adapted:
+            raise ValueError(
+                "`ema`=1.0 leaves the `optimizer` without effect: it freezes the teacher, whose output is CoTTA's "
+                "prediction, so no update of the student ever reaches one (they are the source model's). Use ema < 1, "
+                "or persistence=Persistence(keep_adapted=True) to keep the trained student."
+            )
+        self.restore_prob = self.restore.prob
+        self.anchor_threshold = check_range("anchor_threshold", anchor_threshold, 0, 1)
+        self.views = check_int("views", views, 1)
         if self.anchor_threshold == 0:
             why = "the teacher averages augmented views only when the source's confidence is below anchor_threshold"
             why += ", and anchor_threshold=0"
@@ -123,27 +131,24 @@ class CoTTA(TestTimeTraining):
             if self.restore_prob == 0:
                 why += " (and restore_prob=0, so its seed draws no restore masks either)"
                 check_unused("augment", augment, None, why, "Use anchor_threshold > 0 or drop augment")
-        self.augment = augment or RandomAugment()
 
     @override
     def prepare(self, model: Forward) -> None:
-        # The same stream of restore masks on every rank, so that synchronized ranks stay identical.
-        self.mask_generator = seeded_generator(self.augment.seed)
         self.augment.reseed()
         self.reset_state()
 
+    @override
     def reset_state(self) -> None:
-        self.source = [p.detach().clone() for p in self._params]
-        self.teacher = [p.detach().clone() for p in self._params]
         self.anchor_confidence = float("nan")
 
+    @override
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
         check_image_batch(x, "CoTTA (its teacher averages random image augmentations)")
         with torch.no_grad():
-            with swapped(self._params, self.source):
+            with swapped(self._params, self.restore.source):
                 source = check_logits(forward(x, *args, **kwargs), "CoTTA")
                 self.anchor_confidence = source.softmax(1).amax(1).mean().item()
-            with swapped(self._params, self.teacher):
+            with swapped(self._params, self.teacher.values):
                 target = forward(x, *args, **kwargs)
                 if self.anchor_confidence < self.anchor_threshold:
                     # all views drawn in one call (per-sample draws), then one forward per view as in CoTTA
@@ -153,32 +158,17 @@ class CoTTA(TestTimeTraining):
         loss = soft_cross_entropy(student, target).mean()
         return Loss(loss), target
 
-    def after_update(self) -> None:
-        rng = self.mask_generator
-        with torch.no_grad():
-            for p, teacher, source in zip(self._params, self.teacher, self.source, strict=True):
-                teacher.mul_(self.ema).add_(p.detach(), alpha=1 - self.ema)
-                mask = (torch.rand(p.shape, generator=rng) < self.restore_prob).to(p.device)
-                p.copy_(torch.where(mask, source, p))
-
+    @override
     def extra_state(self) -> dict[str, Any]:
-        return {
-            "teacher": self.teacher,
-            "source": self.source,
-            "augment": self.augment.state_dict(),
-            "masks": self.mask_generator.get_state(),
-        }
+        return {"augment": self.augment.state_dict()}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        device = self._params[0].device
-        self.teacher = [t.to(device) for t in state["teacher"]]
-        self.source = [t.to(device) for t in state["source"]]
         self.augment.load_state_dict(state["augment"])
-        self.mask_generator.set_state(state["masks"])
 
     @override
     def predict(self, inner: Inner, x: Tensor, args: tuple, kwargs: dict, output: Any) -> Output:
         if not inner.composed:
             return Output(output)
-        with torch.no_grad(), swapped(self._params, self.teacher):
+        with torch.no_grad(), swapped(self._params, self.teacher.values):
             return inner.forward(x, *args, **kwargs)

@@ -1,9 +1,8 @@
 """``EATA``: efficient anti-forgetting test-time adaptation (Niu et al., ICML 2022)."""
 
 import functools
-import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -13,9 +12,12 @@ from typing_extensions import override
 
 from ttc_lightning.checks import check_bool, check_positive, check_unused
 from ttc_lightning.pipeline import Forward
-from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
 from ttc_lightning.ttt.params import ParamSpec
+from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.resets import Resets, episodic_resets
+from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
 #: Smoothing of EATA's moving average of kept predictions.
 PROBS_SMOOTHING = 0.9
@@ -85,15 +87,20 @@ class EATA(TestTimeTraining):
         fisher_alpha: weight of the Fisher regulariser (needs ``fisher_data``; ``0`` with ``fisher_data`` is refused,
             as the estimate would go unused). Default ``2000.0``.
         steps: updates per batch. Default ``1``.
-        episodic: reset before every batch. With ``steps=1`` it needs ``keep_adapted`` or a
-            composed TTA, else every prediction is the source model's (refused). Default ``False``.
+        episodic: reset before every batch. With ``steps=1`` it needs ``persistence.keep_adapted`` or a composed
+            TTA, else every prediction is the source model's (refused). Default ``False``.
         params: which parameters adapt. Default ``"batchnorm"``.
-        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
-            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
+        updates: scheduler, clipping, early stop and sync of the updates (:class:`~ttc_lightning.Updates`).
+        resets: further resets (:class:`~ttc_lightning.Resets`; ``every`` is refused with ``episodic=True``).
+        persistence: keep, save and resume the adaptation (:class:`~ttc_lightning.Persistence`).
+        flags: per-sample ``kept`` and ``skipped`` extras (see :class:`~ttc_lightning.TestTimeTraining`). Default
+            ``False``.
+        stages: Trainer stages to act in. Default ``("predict",)``.
+
+    Raises:
+        ValueError: for a bad value or an argument that cannot act given the others (by name, with why and a remedy).
     """
 
-    fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset")
-    unused_options: ClassVar[dict[str, str]] = BATCH_STATISTICS
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
@@ -106,25 +113,30 @@ class EATA(TestTimeTraining):
         steps: int = 1,
         episodic: bool = False,
         params: ParamSpec = "batchnorm",
-        **options: Any,
+        updates: Updates = Updates(),  # noqa: B008 (frozen)
+        resets: Resets = Resets(),  # noqa: B008 (frozen)
+        persistence: Persistence = Persistence(),  # noqa: B008 (frozen)
+        flags: bool = False,
+        stages: Sequence[str] = ("predict",),
     ) -> None:
         self.eata = EATAObjective(e_margin, d_margin)
-        self.check_options(options)
-        defaults = {name: p.default for name, p in inspect.signature(EATA.__init__).parameters.items()}
         if check_bool("episodic", episodic) and steps == 1:
             why = (
                 "the redundancy filter compares each sample with the moving average of earlier batches' predictions, "
                 "which episodic=True clears before every batch (and with steps=1 no later step sees it)"
             )
-            check_unused("d_margin", d_margin, defaults["d_margin"], why, "Use episodic=False or steps > 1")
+            check_unused("d_margin", d_margin, 0.05, why, "Use episodic=False or steps > 1")
         super().__init__(
             optimizer=optimizer,
             objective=self.eata,
             params=params,
             norm="batch",
             steps=steps,
-            reset="batch" if check_bool("episodic", episodic) else "never",
-            **options,
+            updates=updates,
+            resets=episodic_resets(episodic, resets),
+            persistence=persistence,
+            flags=flags,
+            stages=stages,
         )
         if isinstance(fisher_alpha, bool) or not isinstance(fisher_alpha, int | float) or fisher_alpha < 0:
             raise ValueError(f"`fisher_alpha`={fisher_alpha!r} must be a non-negative number.")
@@ -135,7 +147,7 @@ class EATA(TestTimeTraining):
             )
         if fisher_data is None:
             why = "it weighs the Fisher regulariser, which needs `fisher_data` (clean inputs), and fisher_data=None"
-            check_unused("fisher_alpha", fisher_alpha, defaults["fisher_alpha"], why, "Pass `fisher_data` or drop it")
+            check_unused("fisher_alpha", fisher_alpha, 2000.0, why, "Pass `fisher_data` or drop it")
         elif fisher_alpha == 0:
             raise ValueError(
                 "`fisher_data` has no effect: it estimates the Fisher regulariser, whose weight is fisher_alpha=0. "
@@ -170,6 +182,7 @@ class EATA(TestTimeTraining):
             raise ValueError("`fisher_data` yielded no batch; pass clean input batches or None.")
         return [total / batches for total in totals]
 
+    @override
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
         loss, output = super().loss(forward, x, args, kwargs)
         if self.fisher is not None and self.fisher_alpha > 0:
@@ -179,11 +192,14 @@ class EATA(TestTimeTraining):
             loss = Loss(loss.value + self.fisher_alpha * penalty, loss.kept)
         return loss, output
 
+    @override
     def reset_state(self) -> None:
         self.eata.probs_average = None
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"probs_average": self.eata.probs_average, "fisher": self.fisher, "anchor": self._anchor}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.eata.probs_average, self.fisher, self._anchor = state["probs_average"], state["fisher"], state["anchor"]

@@ -1,21 +1,26 @@
 """``MEMO``: marginal entropy minimisation with one test point (Zhang, Levine and Finn, NeurIPS 2022)."""
 
 import functools
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from ttc_lightning.checks import check_bool, check_int, check_range, check_unused
+from ttc_lightning.checks import check_int, check_range, check_unused
 from ttc_lightning.ops import entropy as ops_entropy
 from ttc_lightning.ops.augmix import RandomAugment, check_image_batch
 from ttc_lightning.pipeline import Forward, Inner, Output
 from ttc_lightning.tta.augmenter import Augmenter, repeat_batch_first
 from ttc_lightning.tta.transforms import TransformSpec
-from ttc_lightning.ttt.base import OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.base import TestTimeTraining
+from ttc_lightning.ttt.norm import NormStatistics
 from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec
+from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.resets import Resets, episodic_resets
+from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
 
 def marginal_entropy(logits: Tensor) -> Tensor:
@@ -47,17 +52,18 @@ class MEMO(TestTimeTraining):
         steps: updates per batch. Default ``1``.
         episodic: reset before every batch. Default ``True``.
         params: which parameters adapt. Default ``"all"``.
-        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
-            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
+        updates: scheduler, clipping, early stop and sync of the updates (:class:`~ttc_lightning.Updates`).
+        resets: further resets (:class:`~ttc_lightning.Resets`; ``every`` is refused with ``episodic=True``).
+        persistence: keep, save and resume the adaptation (:class:`~ttc_lightning.Persistence`).
+        flags: per-sample ``kept`` and ``skipped`` extras (see :class:`~ttc_lightning.TestTimeTraining`). Default
+            ``False``.
+        stages: Trainer stages to act in. Default ``("predict",)``.
+
+    Raises:
+        ValueError: for a bad value or an argument that cannot act given the others (by name, with why and a remedy).
+        TypeError: for an ``augment`` that is not a ``ttc.RandomAugment``.
     """
 
-    fixed_options: ClassVar[tuple[str, ...]] = ("norm", "norm_alpha", "reset")
-    unused_options: ClassVar[dict[str, str]] = {
-        "objective": "it minimises the marginal entropy over its views, its own loss, which a custom objective "
-        "cannot replace (use ttc.TestTimeTraining(objective=...) for another loss)",
-        "norm_momentum": "it weighs each batch in the running statistics of norm='ema', and MEMO mixes source and "
-        "batch statistics (norm='mix', weight `alpha`)",
-    }
     requires_optimizer: ClassVar[bool] = True
     predicts_before_update: ClassVar[bool] = False
 
@@ -71,9 +77,12 @@ class MEMO(TestTimeTraining):
         steps: int = 1,
         episodic: bool = True,
         params: ParamSpec = "all",
-        **options: Any,
+        updates: Updates = Updates(),  # noqa: B008 (frozen)
+        resets: Resets = Resets(),  # noqa: B008 (frozen)
+        persistence: Persistence = Persistence(),  # noqa: B008 (frozen)
+        flags: bool = False,
+        stages: Sequence[str] = ("predict",),
     ) -> None:
-        self.check_options(options)
         check_range("alpha", alpha, 0, 1)
         if transforms is not None:
             why = "with `transforms` the views are the deterministic test-time augmentation views"
@@ -82,11 +91,13 @@ class MEMO(TestTimeTraining):
         super().__init__(
             optimizer=optimizer,
             params=params,
-            norm="mix",
-            norm_alpha=alpha,
+            norm=NormStatistics("mix", alpha=alpha),
             steps=steps,
-            reset="batch" if check_bool("episodic", episodic) else "never",
-            **options,
+            updates=updates,
+            resets=episodic_resets(episodic, resets),
+            persistence=persistence,
+            flags=flags,
+            stages=stages,
         )
         self.norm_arguments = {} if alpha == 16 / 17 else {"alpha": alpha}  # MEMO sets norm="mix" itself
         self.views = check_int("views", views, 1)
@@ -102,6 +113,7 @@ class MEMO(TestTimeTraining):
     def prepare(self, model: Forward) -> None:
         self.augment.reseed()
 
+    @override
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
         if self.tta_views is not None:  # deterministic views, possibly of different shapes: one forward each
             logits = torch.stack(
@@ -116,9 +128,11 @@ class MEMO(TestTimeTraining):
         logits = check_logits(forward(views, *extra, **named), "MEMO")
         return Loss(marginal_entropy(logits.unflatten(0, (self.views, batch)))), None
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {"augment": self.augment.state_dict()}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.augment.load_state_dict(state["augment"])
 

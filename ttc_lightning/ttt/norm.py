@@ -22,10 +22,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
-from ttc_lightning.checks import check_choice, check_range
+from ttc_lightning.checks import check_choice, check_range, check_unused
 
 NORM_POLICIES = ("source", "batch", "mix", "ema")
+
+
+def running_statistics(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``module`` with running statistics (what the statistics policies act on)."""
+    return [
+        m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
 
 
 def _normalise(x: Tensor, mean: Tensor, var: Tensor, m: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -37,12 +45,17 @@ def _normalise(x: Tensor, mean: Tensor, var: Tensor, m: nn.modules.batchnorm._Ba
 
 
 class NormStatistics:
-    """A normalisation-statistics policy.
+    """A normalisation-statistics policy (``norm=NormStatistics("mix", alpha=0.9)``; ``norm="mix"`` is the policy
+    with its default weights).
 
     Args:
         policy: ``source``, ``batch``, ``mix`` or ``ema``. Default ``"batch"``.
-        alpha: weight of the source statistics for ``mix``, in ``[0, 1]``. Default ``0.5``.
-        momentum: weight of each batch for ``ema``, in ``(0, 1]``. Default ``0.1``.
+        alpha: weight of the source statistics for ``mix``, in ``[0, 1]`` (refused with another policy). Default
+            ``0.5``.
+        momentum: weight of each batch for ``ema``, in ``(0, 1]`` (refused with another policy). Default ``0.1``.
+
+    Raises:
+        ValueError: for an unknown policy, a weight out of range, or a weight of another policy than ``policy``.
     """
 
     def __init__(self, policy: str = "batch", alpha: float = 0.5, momentum: float = 0.1) -> None:
@@ -50,6 +63,37 @@ class NormStatistics:
         self.policy = policy
         self.alpha = check_range("alpha", alpha, 0, 1)
         self.momentum = check_range("momentum", momentum, 0, 1, low_open=True)
+        if policy != "mix":
+            why = f"it weighs the source statistics of norm='mix', and norm={policy!r}"
+            check_unused("alpha", alpha, 0.5, why, "Set norm='mix' or drop it")
+        if policy != "ema":
+            why = f"it weighs each batch in the running statistics of norm='ema', and norm={policy!r}"
+            check_unused("momentum", momentum, 0.1, why, "Set norm='ema' or drop it")
+
+    @classmethod
+    def of(cls, norm: "str | NormStatistics") -> "NormStatistics":
+        """``norm`` itself, or the policy it names with its default weights."""
+        return norm if isinstance(norm, NormStatistics) else cls(norm)
+
+    def given(self) -> dict[str, object]:
+        """The arguments that differ from the defaults, by name."""
+        values = (("norm", self.policy, "batch"), ("alpha", self.alpha, 0.5), ("momentum", self.momentum, 0.1))
+        return {name: value for name, value, default in values if value != default}
+
+    @override
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NormStatistics):
+            return NotImplemented
+        return (self.policy, self.alpha, self.momentum) == (other.policy, other.alpha, other.momentum)
+
+    @override
+    def __hash__(self) -> int:
+        return hash((self.policy, self.alpha, self.momentum))
+
+    @override
+    def __repr__(self) -> str:
+        weights = "".join(f", {name}={value!r}" for name, value in self.given().items() if name != "norm")
+        return f"NormStatistics({self.policy!r}{weights})"
 
     def apply(self, module: nn.Module, required: bool = False) -> Callable[[], None]:
         """Install the policy on ``module``'s BatchNorm layers; return the clean-up that removes it.
@@ -58,9 +102,7 @@ class NormStatistics:
         """
         if self.policy == "source":
             return lambda: None
-        layers = [
-            m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-        ]
+        layers = running_statistics(module)
         if required and not layers:
             raise ValueError(
                 f"`norm`={self.policy!r}: {type(module).__name__} has no BatchNorm layer with running statistics to "

@@ -3,6 +3,7 @@
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 #: Named groups of normalisation layers.
@@ -39,6 +40,23 @@ def select_parameters(module: nn.Module, params: ParamSpec = "batchnorm") -> dic
             "parameters of that kind. Choose other layers (e.g. params='norm' or 're:<pattern>')."
         )
     return chosen
+
+
+def adapted_parameters(module: nn.Module, params: ParamSpec) -> list[nn.Parameter]:
+    """The parameters chosen by ``params`` (see :func:`select_parameters`), set to require gradients alone.
+
+    Raises:
+        ValueError: as :func:`select_parameters`, and for parameters held in half precision.
+    """
+    chosen = select_parameters(module, params)
+    low = sorted(name for name, p in chosen.items() if p.dtype in (torch.float16, torch.bfloat16))
+    if low:
+        raise ValueError(
+            f"Test-time training cannot update low-precision parameters ({low[0]} is "
+            f"{chosen[low[0]].dtype}); use precision='bf16-mixed' or '16-mixed' instead of a '-true' one."
+        )
+    module.requires_grad_(False)
+    return [p.requires_grad_(True) for p in chosen.values()]
 
 
 def check_params(params: ParamSpec) -> list[str | type[nn.Module]]:

@@ -2,16 +2,21 @@
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from ttc_lightning.checks import check_bool, check_positive, check_unused
-from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
+from ttc_lightning.checks import check_positive, check_unused
+from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
 from ttc_lightning.ttt.params import ParamSpec
+from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.resets import Resets, episodic_resets
+from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
 
 class ReliableEntropy:
@@ -51,16 +56,22 @@ class SAR(TestTimeTraining):
         reset_below: collapse threshold on the loss average (not with ``episodic``, which resets every batch).
             Default ``0.2``.
         steps: updates per batch. Default ``1``.
-        episodic: reset before every batch. With ``steps=1`` it needs ``keep_adapted`` or a
-            composed TTA, else every prediction is the source model's (refused). Default ``False``.
+        episodic: reset before every batch. With ``steps=1`` it needs ``persistence.keep_adapted`` or a composed
+            TTA, else every prediction is the source model's (refused). Default ``False``.
         params: which parameters adapt. Default ``"norm"`` (BatchNorm, GroupNorm, LayerNorm affine parameters; the
             paper also freezes the deepest blocks, which is model-specific: pass a list or ``"re:<pattern>"``).
-        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
-            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
+        updates: scheduler, clipping, early stop and sync of the updates (:class:`~ttc_lightning.Updates`).
+        resets: further resets (:class:`~ttc_lightning.Resets`; ``every`` is refused with ``episodic=True``,
+            ``on_collapse`` always: ``reset_below`` sets it).
+        persistence: keep, save and resume the adaptation (:class:`~ttc_lightning.Persistence`).
+        flags: per-sample ``kept`` and ``skipped`` extras (see :class:`~ttc_lightning.TestTimeTraining`). Default
+            ``False``.
+        stages: Trainer stages to act in. Default ``("predict",)``.
+
+    Raises:
+        ValueError: for a bad value or an argument that cannot act given the others (by name, with why and a remedy).
     """
 
-    fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset", "reset_on_collapse")
-    unused_options: ClassVar[dict[str, str]] = BATCH_STATISTICS
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
@@ -72,34 +83,45 @@ class SAR(TestTimeTraining):
         steps: int = 1,
         episodic: bool = False,
         params: ParamSpec = "norm",
-        **options: Any,
+        updates: Updates = Updates(),  # noqa: B008 (frozen)
+        resets: Resets = Resets(),  # noqa: B008 (frozen)
+        persistence: Persistence = Persistence(),  # noqa: B008 (frozen)
+        flags: bool = False,
+        stages: Sequence[str] = ("predict",),
     ) -> None:
         if isinstance(reset_below, bool) or not isinstance(reset_below, int | float) or reset_below < 0:
             raise ValueError(f"`reset_below`={reset_below!r} must be a non-negative number.")
-        if check_bool("episodic", episodic):
-            why = "it is the collapse threshold of a reset, and episodic=True already resets before every batch"
-            check_unused("reset_below", reset_below, 0.2, why, "Use episodic=False or drop it")
+        resets = episodic_resets(episodic, resets)
+        why = "SAR resets on a collapse of its loss average below `reset_below`, which sets this threshold"
+        check_unused("resets.on_collapse", resets.on_collapse, None, why, "Use reset_below or drop it")
+        if resets.every in ("batch", 1):
+            given = "episodic=True resets before every batch" if episodic else "resets.every=1 after every update"
+            why = f"it is the collapse threshold of a reset, and {given}"
+            check_unused("reset_below", reset_below, 0.2, why, "Use episodic=False (and resets.every > 1) or drop it")
         self.reliable = ReliableEntropy(e_margin)
-        self.check_options(options)
         super().__init__(
             optimizer=optimizer,
             objective=self.reliable,
             params=params,
             norm="batch",
             steps=steps,
-            reset="batch" if episodic else "never",
-            reset_on_collapse=None if episodic else reset_below,
-            **options,
+            updates=updates,
+            resets=replace(resets, on_collapse=None if resets.every in ("batch", 1) else reset_below),
+            persistence=persistence,
+            flags=flags,
+            stages=stages,
         )
         self.rho = check_positive("rho", rho)
 
+    @override
     def apply_gradients(self, loss: Loss, recompute: Callable[[], Loss]) -> float | None:
         """SAM: gradient at ``theta + rho * g / ||g||`` on the samples kept at ``theta`` and again there."""
         if super().apply_gradients(loss, recompute) is None:
             return None  # no reliable sample (on any rank, with sync)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         if not all(torch.isfinite(g).all() for g in grads):  # (the same on every rank with sync: averaged)
-            self._skip("gradients")  # a non-finite step direction would perturb every parameter to NaN
+            assert self.updater is not None
+            self.updater.skip("gradients")  # a non-finite step direction would perturb every parameter to NaN
             return None
         scale = self.rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) + 1e-12)
         originals = [p.detach().clone() for p in self._params]

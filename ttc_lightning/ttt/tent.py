@@ -1,13 +1,16 @@
 """``Tent``: test entropy minimisation (Wang et al., ICLR 2021)."""
 
 import functools
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
-from ttc_lightning.checks import check_bool
-from ttc_lightning.ttt.base import BATCH_STATISTICS, OptimizerFactory, TestTimeTraining
+from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.params import ParamSpec
+from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.resets import Resets, episodic_resets
+from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
 
 class Tent(TestTimeTraining):
@@ -24,19 +27,25 @@ class Tent(TestTimeTraining):
         optimizer: optimizer factory. Default ``functools.partial(torch.optim.Adam, lr=1e-3)`` (tent's CIFAR
             setting; its ImageNet setting is SGD, lr 0.00025, momentum 0.9).
         steps: updates per batch. Default ``1``.
-        episodic: reset the model and the optimizer before every batch. With ``steps=1`` it needs ``keep_adapted`` or a
-            composed TTA, else every prediction is the source model's (refused). Default ``False``.
+        episodic: reset the model and the optimizer before every batch. With ``steps=1`` it needs
+            ``persistence.keep_adapted`` or a composed TTA, else every prediction is the source model's (refused).
+            Default ``False``.
         params: which parameters adapt. Default ``"batchnorm"``.
-        **options: further :class:`~ttc_lightning.TestTimeTraining` arguments (``keep_adapted``, ``stages``,
-            ``scheduler``, ``clip_grad``, ``save_every_n_batches``, ``resume_from``, ...).
+        updates: scheduler, clipping, early stop and sync of the updates (:class:`~ttc_lightning.Updates`).
+        resets: further resets (:class:`~ttc_lightning.Resets`; ``every`` is refused with ``episodic=True``).
+        persistence: keep, save and resume the adaptation (:class:`~ttc_lightning.Persistence`).
+        flags: per-sample ``kept`` and ``skipped`` extras (see :class:`~ttc_lightning.TestTimeTraining`). Default
+            ``False``.
+        stages: Trainer stages to act in. Default ``("predict",)``.
+
+    Raises:
+        ValueError: for a bad value or an argument that cannot act given the others (by name, with why and a remedy).
 
     Example::
 
         trainer = L.Trainer(callbacks=[ttc.Tent(optimizer=functools.partial(torch.optim.Adam, lr=1e-3))])
     """
 
-    fixed_options: ClassVar[tuple[str, ...]] = ("objective", "norm", "reset")
-    unused_options: ClassVar[dict[str, str]] = BATCH_STATISTICS
     requires_optimizer: ClassVar[bool] = True
 
     def __init__(
@@ -45,15 +54,21 @@ class Tent(TestTimeTraining):
         steps: int = 1,
         episodic: bool = False,
         params: ParamSpec = "batchnorm",
-        **options: Any,
+        updates: Updates = Updates(),  # noqa: B008 (frozen)
+        resets: Resets = Resets(),  # noqa: B008 (frozen)
+        persistence: Persistence = Persistence(),  # noqa: B008 (frozen)
+        flags: bool = False,
+        stages: Sequence[str] = ("predict",),
     ) -> None:
-        self.check_options(options)
         super().__init__(
             optimizer=optimizer,
             objective="entropy",
             params=params,
             norm="batch",
             steps=steps,
-            reset="batch" if check_bool("episodic", episodic) else "never",
-            **options,
+            updates=updates,
+            resets=episodic_resets(episodic, resets),
+            persistence=persistence,
+            flags=flags,
+            stages=stages,
         )
