@@ -70,23 +70,30 @@ def tent_all_params_adam() -> dict:
 
 @case
 def tent_flags_clip() -> dict:
-    return adapt(ttc.Tent(optimizer=ADAM, clip_grad=0.1, flags=True))
+    return adapt(ttc.Tent(optimizer=ADAM, updates=ttc.Updates(clip_grad=0.1), flags=True))
 
 
 @case
 def ttt_reset_every_2_tol() -> dict:
-    return adapt(ttc.TestTimeTraining(optimizer=SGD, steps=4, tol=1e-3, reset=2))
+    return adapt(
+        ttc.TestTimeTraining(optimizer=SGD, steps=4, updates=ttc.Updates(tol=1e-3), resets=ttc.Resets(every=2))
+    )
 
 
 @case
 def ttt_norm_mix_scheduler() -> dict:
     scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
-    return adapt(ttc.TestTimeTraining(optimizer=ADAM, norm="mix", norm_alpha=0.3, steps=2, scheduler=scheduler))
+    norm, updates = ttc.NormStatistics("mix", alpha=0.3), ttc.Updates(scheduler=scheduler)
+    return adapt(ttc.TestTimeTraining(optimizer=ADAM, norm=norm, steps=2, updates=updates))
 
 
 @case
 def ttt_norm_ema_collapse() -> dict:
-    return adapt(ttc.TestTimeTraining(optimizer=ADAM, norm="ema", norm_momentum=0.2, reset_on_collapse=0.5))
+    return adapt(
+        ttc.TestTimeTraining(
+            optimizer=ADAM, norm=ttc.NormStatistics("ema", momentum=0.2), resets=ttc.Resets(on_collapse=0.5)
+        )
+    )
 
 
 @case
