@@ -99,3 +99,28 @@ def test_outputs_hook(model):
     assert model.ttc_outputs(y, {}) is y
     out = model.ttc_outputs(y, {"std": std})
     assert out.keys() == {"prediction", "std"} and out["prediction"] is y and out["std"] is std
+
+
+def test_ttc_extras_in_a_test_step_hold_the_latest_call_s_extras(classifier_cls, loader, images, make_trainer):
+    """Documented: inside your own ``test_step``, ``self.ttc_extras`` holds the extras of the latest ``self(x)``."""
+
+    class Testing(classifier_cls):
+        def test_step(self, batch, batch_idx):
+            x = batch[0]
+            before = self.ttc_extras
+            out = self(x)
+            self.ttc_extras.clear()  # a copy: clearing it changes nothing
+            self.seen.append((before, self.ttc_extras, out))
+
+    model = Testing()
+    model.seen = []
+    tta = ttc.TestTimeAugmentation(uncertainty="std", stages=("test",))
+    make_trainer([tta], limit_test_batches=2).test(model, loader, verbose=False)
+    assert len(model.seen) == 2
+    with torch.no_grad():
+        for i, (before, extras, out) in enumerate(model.seen):
+            x = images[8 * i : 8 * i + 8]
+            assert list(before) == ([] if i == 0 else ["std"])  # the previous batch's call
+            assert isinstance(out, torch.Tensor) and list(extras) == ["std"]  # self(x) gives the value alone
+            torch.testing.assert_close(extras["std"], (model.net(x) - model.net(x.flip(-1))).abs() / 2)
+    assert model.ttc_extras == {}  # outside the stage nothing is installed
