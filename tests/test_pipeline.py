@@ -327,3 +327,19 @@ def test_a_batch_independent_forward_keeps_the_device_choice(monkeypatch):
         adapted = 0 if name == "no_adaptation" else 3  # the adaptation's own forward, once per batch
         assert (cpu_calls, accelerator_calls) == (adapted + 3 * 8, adapted + 3), name  # 8 views, then stacked
         torch.testing.assert_close(accelerator, cpu, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_plain_module_wrapper_chunks_a_batch_dependent_model_the_same_on_any_device(monkeypatch):
+    net = ttt_models.conv_net()
+    net.train()  # BatchNorm with batch statistics
+    x = ttt_models.images()
+    with torch.no_grad():
+        cpu = ttc.TTAWrapper(net, transforms="d4")(x)
+        on_an_accelerator(monkeypatch)
+        accelerator = ttc.TTAWrapper(net, transforms="d4")(x)
+        stacked = ttc.TTAWrapper(net, transforms="d4", chunk_size=None)(x)
+        net.eval()  # running statistics: batch-independent, so the accelerator choice (stacking) applies
+        independent = ttc.TTAWrapper(net, transforms="d4")(x)
+        expected = torch.stack([net(v) for v in [torch.rot90(u, k, (2, 3)) for u in (x, x.flip(-1)) for k in range(4)]])
+    assert torch.equal(cpu, accelerator) and not torch.allclose(stacked, cpu, atol=1e-4)
+    torch.testing.assert_close(independent, expected.mean(0))

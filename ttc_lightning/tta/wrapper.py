@@ -4,6 +4,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ttc_lightning.pipeline import uses_batch_statistics
 from ttc_lightning.tta.augmenter import Augmenter
 
 
@@ -35,5 +36,6 @@ class TTAWrapper(nn.Module):
         self.augmenter = Augmenter(**options)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor | dict[str, Tensor]:
-        output, extras = self.augmenter(self.model, x, *args, **kwargs)
+        batch_dependent = uses_batch_statistics(self.model)  # then chunk_size="auto" is the same on every device
+        output, extras = self.augmenter.apply(self.model, x, args, kwargs, batch_dependent=batch_dependent)
         return {"prediction": output, **extras} if extras else output
