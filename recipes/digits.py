@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ttc_lightning as ttc
-from ttc_lightning.tta.transforms import View
+from ttc_lightning.tta.views import View
 
 SHIFTS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0))
 

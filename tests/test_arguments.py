@@ -2,11 +2,10 @@
 turn, either changes behaviour or is refused by name.
 
 The parameters are discovered from the signatures of the public classes (``ttc_lightning.__all__`` and
-``ttc_lightning.stopping.__all__``; an option group such as ``updates=Updates(...)`` contributes one parameter per
-field, named ``updates.<field>`` and set through the group, in every class that takes it; ``TTAWrapper``'s
-``**options`` are the ``Augmenter`` arguments). :data:`TRIALS` gives, for each parameter, one or more trials: a
-non-default value, the other arguments it is built with (empty: all defaults; otherwise an enabling context) and
-what must happen:
+``ttc_lightning.tta.__all__`` and ``ttc_lightning.stopping.__all__``; an option group such as
+``updates=Updates(...)`` contributes one parameter per field, named ``updates.<field>`` and set through the group, in
+every class that takes it). :data:`TRIALS` gives, for each parameter, one or more trials: a non-default value, the
+other arguments it is built with (empty: all defaults; otherwise an enabling context) and what must happen:
 
 * ``acts``: the run differs from the same run without the value (the output, the extras, the model's state after
   the stage, the number of forward calls, or the files written);
@@ -70,17 +69,15 @@ class ProbeNet:
 
 
 def parameters(cls: type) -> dict[str, inspect.Parameter]:
-    """The arguments of ``cls``: its signature's, with an option group's fields (``updates.clip_grad``, ...) and
-    ``TTAWrapper``'s options (the Augmenter's) spelt out."""
+    """The arguments of ``cls``: its signature's, with an option group's fields (``updates.clip_grad``, ...) spelt
+    out."""
     found: dict[str, inspect.Parameter] = {}
     signature = inspect.signature(cls.__init__) if cls.__init__ is not object.__init__ else inspect.Signature()
     for name, parameter in signature.parameters.items():
         if name == "self" or parameter.kind is parameter.VAR_POSITIONAL:
             continue
         if parameter.kind is parameter.VAR_KEYWORD:
-            if cls is not ttc.TTAWrapper:
-                raise AssertionError(f"{cls.__name__} takes **{name}: spell out what it accepts in parameters()")
-            found.update(parameters(ttc.Augmenter))
+            raise AssertionError(f"{cls.__name__} takes **{name}: spell out what it accepts in parameters()")
         elif isinstance(parameter.default, tuple(GROUPS.values())):
             for option in dataclasses.fields(parameter.default):
                 dotted = f"{name}.{option.name}"
@@ -268,8 +265,6 @@ AUGMENTATION: dict[str, list[Trial]] = {
     "task": [acts("segmentation", SEG)],
     "space": [acts("prob")],
     "activation": [refused("sigmoid"), acts("sigmoid", space="prob")],
-    "flip_classes": [acts([(0, 1)]), refused([(0, 1)], transforms="rot90")],
-    "flip_pairs": [refused([(0, 1)]), acts([(0, 1)], POINTS, task="keypoints")],
     "uncertainty": [acts(True)],
     "chunk_size": [acts(None), refused(None, stop=stopping.Confidence(0.0))],
     "stop": [acts(stopping.Confidence(0.0)), refused(stopping.Confidence(0.0), transforms="identity")],
@@ -284,6 +279,10 @@ TRIALS: dict[tuple[type, str], list[Trial]] = {
     **{(ttc.Augmenter, name): trials for name, trials in AUGMENTATION.items() if name != "stages"},
     **{(ttc.TTAWrapper, name): trials for name, trials in AUGMENTATION.items() if name != "stages"},
     (ttc.TTAWrapper, "model"): [acts(ProbeNet(seed=1))],
+    # Task options, run through an Augmenter over the views of the context's ``transforms`` (default hflip).
+    (ttc.tta.Classification, "flip_classes"): [acts([(0, 1)]), refused([(0, 1)], transforms="rot90")],
+    (ttc.tta.Segmentation, "flip_classes"): [acts([(0, 1)], SEG), refused([(0, 1)], SEG, transforms="rot90")],
+    (ttc.tta.Keypoints, "flip_pairs"): [acts([(0, 1)], POINTS), refused([(0, 1)], POINTS, transforms="rot90")],
     (ttc.TestTimeCallback, "stages"): [acts(("test",))],
     # Test-time training, statistics only by default.
     **{
@@ -491,10 +490,21 @@ REQUIRED: dict[tuple[type, str], Any] = {
     (stopping.AnyOf, "rules"): [stopping.Confidence(0.9)],
     (stopping.AllOf, "rules"): [stopping.Confidence(0.9)],
 }
+TASKS = (ttc.tta.Classification, ttc.tta.Segmentation, ttc.tta.Keypoints, ttc.tta.Boxes)
+
+
+def on_views(task: type) -> Callable[..., ttc.Augmenter]:
+    """Builds ``task`` with its options into an Augmenter over ``transforms`` (the probe of a task's options)."""
+    return lambda transforms="hflip", **options: ttc.Augmenter(transforms, task=task(**options))
+
+
+#: The model a class's baseline runs on, where it is not the classifier.
+PROBES = {ttc.tta.Segmentation: SEG, ttc.tta.Keypoints: POINTS}
 BUILDERS: dict[type, Callable[..., Any]] = {
     ttc.TestTimeCallback: ttc.TestTimeAugmentation,
     ttc.Transform: Roll,
     ttc.NormStatistics: lambda optimizer=None, **k: ttc.TestTimeTraining(optimizer, norm=ttc.NormStatistics(**k)),
+    **{task: on_views(task) for task in TASKS},
 }
 #: Public classes that users do not configure, with the reason.
 RECORDS = {
@@ -502,6 +512,7 @@ RECORDS = {
     stopping.StoppingRule: "abstract, without arguments",
     ttc.TestTimeComputeMixin: "a mixin without arguments",
     **{group: "an option group: its fields are tried in every class that takes it" for group in GROUPS.values()},
+    ttc.tta.View: "built by expand_views from a transform spec",
 }
 
 
@@ -509,8 +520,8 @@ RECORDS = {
 
 
 def public_classes() -> list[type]:
-    objects = [getattr(ttc, n) for n in ttc.__all__] + [getattr(stopping, n) for n in stopping.__all__]
-    return [obj for obj in objects if inspect.isclass(obj)]
+    objects = [getattr(module, n) for module in (ttc, ttc.tta, stopping) for n in module.__all__]
+    return list(dict.fromkeys(obj for obj in objects if inspect.isclass(obj)))
 
 
 CASES = [(cls, name) for cls in public_classes() if cls not in RECORDS for name in parameters(cls)]
@@ -643,7 +654,7 @@ def observe(cls: type, kwargs: dict[str, Any], probe: Probe, folder: Path) -> Ob
         x = images()[:4]
         if cls is ttc.TTAWrapper:
             outputs, calls = built(x), built.model.calls
-        elif cls is ttc.Augmenter:
+        elif cls is ttc.Augmenter or cls in TASKS:
             outputs = built(model, x)
             calls = model.calls
         elif issubclass(cls, ttc.Transform):
@@ -698,9 +709,9 @@ def test_an_argument_changes_behaviour_or_is_refused_by_name(cls, name, tmp_path
 @pytest.mark.parametrize("cls", sorted({c for c, _ in CASES}, key=lambda c: c.__name__), ids=lambda c: c.__name__)
 def test_the_baseline_runs_are_deterministic(cls, tmp_path):
     """Two runs with the same arguments are the same, so that a difference is the argument's doing."""
-    base = baseline_kwargs(cls, {})
-    first = observe(cls, base, Probe(), tmp_path / "a")
-    second = observe(cls, base, Probe(), tmp_path / "b")
+    base, probe = baseline_kwargs(cls, {}), PROBES.get(cls, Probe())
+    first = observe(cls, base, probe, tmp_path / "a")
+    second = observe(cls, base, probe, tmp_path / "b")
     assert not differs(first, second)
 
 

@@ -7,6 +7,7 @@ from ttc_lightning.mixin import TestTimeComputeMixin
 from ttc_lightning.ops.augmix import RandomAugment
 from ttc_lightning.tta.augmenter import Augmenter
 from ttc_lightning.tta.callback import TestTimeAugmentation
+from ttc_lightning.tta.registry import register_transform
 from ttc_lightning.tta.transforms import (
     Add,
     FiveCrop,
@@ -19,8 +20,8 @@ from ttc_lightning.tta.transforms import (
     Transform,
     Transpose,
     VFlip,
-    register_transform,
 )
+from ttc_lightning.tta.views import expand_views
 from ttc_lightning.tta.wrapper import TTAWrapper
 from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.bn import BatchNormAdapt
@@ -70,6 +71,7 @@ __all__ = [
     "VFlip",
     "__version__",
     "data",
+    "expand_views",
     "load_predictions",
     "merge_parts",
     "register_transform",

@@ -8,7 +8,7 @@ from torch import nn
 
 import ttc_lightning as ttc
 from ttc_lightning.tta.augmenter import Augmenter
-from ttc_lightning.tta.transforms import View
+from ttc_lightning.tta.views import View
 
 B, H, W = 3, 6, 8  # non-square: rot90 views have shape (W, H)
 

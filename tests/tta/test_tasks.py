@@ -5,6 +5,7 @@ output, mapped back, equals ``M(x)``. Chiral models (equivariant under rotations
 mirrors) get it back only with ``flip_classes`` / ``flip_pairs``.
 """
 
+import inspect
 import math
 import re
 
@@ -171,8 +172,8 @@ def test_segmentation_multiscale_matches_the_written_out_average(size, chunk_siz
 def test_flip_classes_makes_a_chiral_segmenter_consistent(transforms, size, chunk_size):
     x = rand((2, 1, *size), 1)
     own = chiral_segmenter(x)
-    merged = run(chiral_segmenter, x, transforms=transforms, task="segmentation", chunk_size=chunk_size,
-                 flip_classes=[(0, 1)])  # fmt: skip
+    merged = run(chiral_segmenter, x, transforms=transforms, task=ttc.tta.Segmentation(flip_classes=[(0, 1)]),
+                 chunk_size=chunk_size)  # fmt: skip
     torch.testing.assert_close(merged, own, rtol=0, atol=1e-5)
     unswapped = run(chiral_segmenter, x, transforms=transforms, task="segmentation", chunk_size=chunk_size)
     assert (unswapped[:, :2] - own[:, :2]).abs().max() > 0.1  # mirrored views disagree without the swap
@@ -184,7 +185,7 @@ def test_flip_classes_without_a_mirrored_view_is_refused():
     rotations = ttc.Rotate90()
     assert not any(view.reflects for view in ttc.Augmenter(rotations).views)
     with pytest.raises(ValueError, match=r"`flip_classes`=\[\(0, 1\)\] has no effect: .*has none. Add a mirroring"):
-        ttc.Augmenter(rotations, task="segmentation", flip_classes=[(0, 1)])
+        ttc.Augmenter(rotations, task=ttc.tta.Segmentation(flip_classes=[(0, 1)]))
 
 
 @pytest.mark.parametrize("width", [6, 7])
@@ -196,7 +197,7 @@ def test_flip_classes_with_a_left_half_right_half_model_under_hflip(width):
         return torch.cat([z * left, z * left.flip(0)], dim=1)
 
     x = rand((2, 1, 4, width), 3)
-    merged = run(model, x, transforms="hflip", task="segmentation", flip_classes=[(1, 0)])
+    merged = run(model, x, transforms="hflip", task=ttc.tta.Segmentation(flip_classes=[(1, 0)]))
     assert torch.equal(merged, model(x))
     assert not torch.allclose(run(model, x, transforms="hflip", task="segmentation"), model(x))
 
@@ -205,7 +206,7 @@ def test_flip_classes_with_a_left_half_right_half_model_under_hflip(width):
         return torch.cat([z, z.flip(-1)], dim=1)
 
     assert torch.equal(run(mirrored, x, transforms="hflip", task="segmentation"), mirrored(x))
-    assert not torch.allclose(run(mirrored, x, transforms="hflip", task="segmentation", flip_classes=[(0, 1)]),
+    assert not torch.allclose(run(mirrored, x, transforms="hflip", task=ttc.tta.Segmentation(flip_classes=[(0, 1)])),
                               mirrored(x))  # fmt: skip
 
 
@@ -215,7 +216,8 @@ def test_flip_classes_for_classification_swaps_logits_of_mirrored_views():
         return torch.stack([z[..., : w // 2].sum((1, 2, 3)), z[..., w - w // 2 :].sum((1, 2, 3))], dim=1)
 
     x = rand((3, 2, 5, 6), 4)
-    torch.testing.assert_close(run(left_right, x, transforms="hflip", flip_classes=[(0, 1)]), left_right(x))
+    swapped = run(left_right, x, transforms="hflip", task=ttc.tta.Classification(flip_classes=[(0, 1)]))
+    torch.testing.assert_close(swapped, left_right(x))
     mean = left_right(x).mean(1, keepdim=True).expand(3, 2)
     torch.testing.assert_close(run(left_right, x, transforms="hflip"), mean)
 
@@ -287,8 +289,8 @@ def test_keypoints_and_boxes_tied_to_the_image_frame_map_back_through_scales(tra
 def test_flip_pairs_make_a_chiral_keypoint_model_consistent(transforms, size, chunk_size):
     x = spots(6, 3, size, 10)
     own = chiral_keypoints(x)
-    merged = run(chiral_keypoints, x, transforms=transforms, task="keypoints", chunk_size=chunk_size,
-                 flip_pairs=[(1, 2)])  # fmt: skip
+    merged = run(chiral_keypoints, x, transforms=transforms, task=ttc.tta.Keypoints(flip_pairs=[(1, 2)]),
+                 chunk_size=chunk_size)  # fmt: skip
     torch.testing.assert_close(merged, own, rtol=0, atol=1e-5)
     unswapped = run(chiral_keypoints, x, transforms=transforms, task="keypoints", chunk_size=chunk_size)
     assert (unswapped[:, 1:] - own[:, 1:]).abs().max() > 0.4
@@ -365,28 +367,90 @@ def test_value_transforms_work_on_non_image_input(chunk_size):
 
 
 def test_pairs_are_checked_at_construction():
-    with pytest.raises(ValueError, match=r"`flip_pairs`.*'keypoints'.*'classification'"):
-        ttc.Augmenter("hflip", flip_pairs=[(0, 1)])
-    with pytest.raises(ValueError, match="`flip_pairs`"):
-        ttc.Augmenter("hflip", task="segmentation", flip_pairs=[(0, 1)])
-    for task in ("keypoints", "boxes"):
-        with pytest.raises(ValueError, match=f"`flip_classes`.*task='{task}'"):
-            ttc.Augmenter("hflip", task=task, flip_classes=[(0, 1)])
+    """Pairs are options of their task objects: checked when built, and only where they apply."""
+    for task in (ttc.tta.Classification, ttc.tta.Segmentation, ttc.tta.Boxes):
+        with pytest.raises(TypeError, match=r"flip_pairs|Boxes\(\) takes no arguments"):
+            task(flip_pairs=[(0, 1)])
+    for task in (ttc.tta.Keypoints, ttc.tta.Boxes):
+        with pytest.raises(TypeError, match=r"flip_classes|Boxes\(\) takes no arguments"):
+            task(flip_classes=[(0, 1)])
     for bad in ([(0, 1), (1, 2)], [(2, 2)], [(0, 1), (3, 0)]):
-        with pytest.raises(ValueError, match="index twice"):
-            ttc.Augmenter("hflip", task="segmentation", flip_classes=bad)
-        with pytest.raises(ValueError, match="index twice"):
-            ttc.Augmenter("hflip", task="keypoints", flip_pairs=bad)
+        for task in (ttc.tta.Classification, ttc.tta.Segmentation):
+            with pytest.raises(ValueError, match=r"`flip_classes`=.* uses an index twice"):
+                task(flip_classes=bad)
+        with pytest.raises(ValueError, match=r"`flip_pairs`=.* uses an index twice"):
+            ttc.tta.Keypoints(flip_pairs=bad)
     for bad in ([(0,)], [(0, 1, 2)], [(-1, 2)], [(True, 2)], [(0.0, 1)]):
         with pytest.raises(ValueError, match="`flip_classes` entry"):
-            ttc.Augmenter("hflip", task="segmentation", flip_classes=bad)
+            ttc.tta.Segmentation(flip_classes=bad)
+        with pytest.raises(ValueError, match="`flip_pairs` entry"):
+            ttc.tta.Keypoints(flip_pairs=bad)
+    for bad in (5, "01"):
+        with pytest.raises(ValueError, match=r"`flip_pairs`=.* must be a list of index pairs"):
+            ttc.tta.Keypoints(flip_pairs=bad)
+
+
+@pytest.mark.parametrize("cls", [ttc.Augmenter, ttc.TestTimeAugmentation, ttc.TTAWrapper])
+def test_the_moved_keywords_say_where_they_went(cls):
+    """``flip_classes``/``flip_pairs`` moved from the TTA classes to the task objects: a clear TypeError."""
+    model = () if cls is not ttc.TTAWrapper else (torch.nn.Identity(),)
+    with pytest.raises(TypeError, match=r"\(flip_pairs=...\) moved to the task object: pass task=ttc.tta.Keypoints"):
+        cls(*model, "hflip", task="keypoints", flip_pairs=[(0, 1)])
+    for task in ("classification", "segmentation"):
+        with pytest.raises(TypeError, match=r"\(flip_classes=...\) moved .*ttc.tta.Segmentation\(flip_classes=...\)"):
+            cls(*model, "hflip", task=task, flip_classes=[(0, 1)])
+    assert not {"flip_classes", "flip_pairs"} & set(inspect.signature(cls).parameters)
+
+
+def test_task_names_are_the_task_objects_with_their_defaults():
+    """``task="segmentation"`` and ``task=ttc.tta.Segmentation()`` give the same numbers, bitwise."""
+    x = rand((2, 1, 6, 8), 20)
+    for name, cls, model in [
+        ("classification", ttc.tta.Classification, lambda z: z.mean((-2, -1))),
+        ("segmentation", ttc.tta.Segmentation, chiral_segmenter),
+        ("keypoints", ttc.tta.Keypoints, keypoint_model),
+        ("boxes", ttc.tta.Boxes, lambda z: keypoint_model(z)[..., :2].repeat(1, 1, 2) + torch.tensor([0, 0, 1, 2])),
+    ]:
+        assert ttc.tta.TASKS[name] is cls and cls.name == name
+        augmenter = ttc.Augmenter("d4", task=name)
+        assert type(augmenter.task) is cls and repr(augmenter.task) == repr(cls())
+        assert torch.equal(run(model, x, transforms="d4", task=name), run(model, x, transforms="d4", task=cls()))
+    with pytest.raises(ValueError, match=r"`task`='detection' is not supported; allowed: .*'boxes', or a .*Task"):
+        ttc.Augmenter(task="detection")
+
+
+class Heatmaps(ttc.tta.Task):
+    """A new task is one class: per-keypoint heatmaps (B, K, H, W), mapped back like dense outputs."""
+
+    name, inverse = "heatmaps", "dense"
+
+    def check_output(self, y, classes, setting):
+        if y.ndim != 4:
+            raise ValueError(f"task='heatmaps' needs (B, K, H, W) outputs; got shape {tuple(y.shape)}.")
+
+    def deaugment(self, view, y, size):
+        return view.deaugment(y, size) if view.spatial else y
+
+
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+def test_a_new_task_is_one_class(chunk_size):
+    x = rand((2, 3, 5, 7), 21)
+    conv = pixel_model()
+    with torch.no_grad():
+        torch.testing.assert_close(run(conv, x, transforms="d4", task=Heatmaps(), chunk_size=chunk_size), conv(x))
+    with pytest.raises(ValueError, match=r"FiveCrop.*no inverse for task='heatmaps'"):
+        ttc.Augmenter("five_crop", task=Heatmaps())
+    with pytest.raises(ValueError, match="merge='vote' needs class outputs; task='heatmaps'"):
+        ttc.Augmenter("hflip", merge="vote", task=Heatmaps())
+    with pytest.raises(ValueError, match="task='heatmaps' needs"):
+        run(lambda z: z.mean((-2, -1)), x, task=Heatmaps())
 
 
 def test_out_of_range_pairs_raise_at_runtime_naming_them():
     x = rand((2, 1, 5, 5), 17)
     with pytest.raises(ValueError, match=r"`flip_classes`=\(\(0, 3\),\).*3 entries"):
-        run(chiral_segmenter, x, transforms="hflip", task="segmentation", flip_classes=[(0, 3)])
+        run(chiral_segmenter, x, transforms="hflip", task=ttc.tta.Segmentation(flip_classes=[(0, 3)]))
     with pytest.raises(ValueError, match=r"`flip_pairs`=\(\(1, 4\),\)"):
-        run(keypoint_model, x, transforms="hflip", task="keypoints", flip_pairs=[(1, 4)])
+        run(keypoint_model, x, transforms="hflip", task=ttc.tta.Keypoints(flip_pairs=[(1, 4)]))
     with pytest.raises(ValueError, match=r"`flip_classes`=\[\(0, 3\)\] has no effect"):  # rotations never mirror
-        run(chiral_segmenter, x, transforms="rot90", task="segmentation", flip_classes=[(0, 3)])
+        run(chiral_segmenter, x, transforms="rot90", task=ttc.tta.Segmentation(flip_classes=[(0, 3)]))

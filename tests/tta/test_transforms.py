@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 import ttc_lightning as ttc
 from ttc_lightning.tta import functional as F
-from ttc_lightning.tta import transforms as T
-from ttc_lightning.tta.transforms import expand, resolve_transforms
+from ttc_lightning.tta import registry as R
+from ttc_lightning.tta.params import INTERPOLATIONS
+from ttc_lightning.tta.registry import resolve_transforms
+from ttc_lightning.tta.views import expand
 
 EXACT_SPECS = {
     "hflip": "hflip",
@@ -26,7 +28,7 @@ EXACT_SPECS = {
 
 
 def views_of(spec):
-    return expand(resolve_transforms(spec() if callable(spec) else spec))
+    return ttc.expand_views(spec() if callable(spec) else spec)
 
 
 def rand(shape, seed):
@@ -199,6 +201,20 @@ def test_aliases_expand_to_the_documented_views(alias, labels):
     assert all(c.size == 0.875 for c in crops)
 
 
+def test_expand_views_is_public_and_gives_the_augmenters_views_in_order():
+    """``ttc.expand_views`` (also ``ttc.tta.expand_views``) is the product order TTA runs: identity first."""
+    assert ttc.expand_views is ttc.tta.expand_views
+    x = torch.arange(6.0).view(1, 1, 2, 3)
+    for spec in ("d4", "flip", "multiscale", ["vflip", ttc.Rotate90((2,)), "multiply"]):
+        views = ttc.expand_views(spec)
+        assert all(isinstance(v, ttc.tta.View) for v in views)
+        assert [str(v) for v in views] == [str(v) for v in ttc.Augmenter(spec).views]
+        assert [str(v) for v in views] == [str(v) for v in expand(resolve_transforms(spec))]
+        assert torch.equal(views[0].augment(x), x)  # identity first
+    with pytest.raises(ValueError, match="`transforms`='hflp'"):
+        ttc.expand_views("hflp")
+
+
 def test_a_list_mixes_names_objects_and_aliases_last_transform_fastest():
     rot = ttc.Rotate90((2,))
     transforms = resolve_transforms(["vflip", rot, "flip", "multiply"])
@@ -258,7 +274,7 @@ def test_constructors_validate_and_put_the_identity_first():
         with pytest.raises(ValueError, match="`size`"):
             ttc.FiveCrop(bad)
     with pytest.raises(ValueError, match="at least one parameter"):
-        T.Transform(())
+        ttc.Transform(())
 
 
 # --- Scale and Resize -------------------------------------------------------------------------------------------------
@@ -269,7 +285,7 @@ def test_constructors_validate_and_put_the_identity_first():
     h=st.integers(1, 13),
     w=st.integers(1, 13),
     factor=st.sampled_from([0.1, 0.3, 0.5, 0.75, 0.875, 1.125, 1.5, 2.0, 2.7]),
-    mode=st.sampled_from(T.INTERPOLATIONS),
+    mode=st.sampled_from(INTERPOLATIONS),
 )
 def test_scale_restores_the_exact_original_size(h, w, factor, mode):
     x = rand((2, 3, h, w), h * w)
@@ -392,13 +408,11 @@ def test_ten_crop_classification_averages_the_crops_and_their_mirrors():
 
 @pytest.fixture
 def registry():
-    """Restores the global transform registry after the test."""
-    saved = dict(T._REGISTRY), dict(T._NAMES)
+    """Restores the global transform registry after the test (labels are set on the test's own classes)."""
+    saved = dict(R._REGISTRY)
     yield
-    T._REGISTRY.clear()
-    T._REGISTRY.update(saved[0])
-    T._NAMES.clear()
-    T._NAMES.update(saved[1])
+    R._REGISTRY.clear()
+    R._REGISTRY.update(saved)
 
 
 def make_roll(name):
@@ -452,14 +466,14 @@ def test_register_rejects_non_transforms_and_taken_names(registry):
         ttc.register_transform("test_not_a_transform")(object)
     with pytest.raises(TypeError, match="Transform"):
         ttc.register_transform("test_not_a_transform")(lambda x: x)
-    assert "test_not_a_transform" not in T._REGISTRY
+    assert "test_not_a_transform" not in R._REGISTRY
     make_roll("test_roll_twice")
     with pytest.raises(ValueError, match="'test_roll_twice'"):
         make_roll("test_roll_twice")
     for taken in ("hflip", "d4", "ten_crop", "rot90"):
         with pytest.raises(ValueError, match=f"'{taken}'"):
             make_roll(taken)
-    assert T._REGISTRY["hflip"] is ttc.HFlip
+    assert R._REGISTRY["hflip"] is ttc.HFlip
 
 
 def test_a_transform_without_deaugment_is_rejected_for_dense_tasks_at_construction(registry):

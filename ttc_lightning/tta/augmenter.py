@@ -13,13 +13,12 @@ from ttc_lightning.ops.activations import ACTIVATIONS
 from ttc_lightning.ops.merge import MERGES, SPACES, Merger, default_space
 from ttc_lightning.ops.uncertainty import UNCERTAINTIES, UncertaintyAccumulator
 from ttc_lightning.stopping import StoppingRule
-from ttc_lightning.tta import functional as F
 from ttc_lightning.tta.functional import Size
-from ttc_lightning.tta.transforms import TransformSpec, View, expand, resolve_transforms
+from ttc_lightning.tta.registry import resolve_transforms
+from ttc_lightning.tta.tasks import Task, TaskSpec, refuse_moved, resolve_task
+from ttc_lightning.tta.transforms import TransformSpec
+from ttc_lightning.tta.views import View, expand
 
-TASKS = ("classification", "segmentation", "keypoints", "boxes")
-CLASS_TASKS = ("classification", "segmentation")
-POINT_TASKS = ("keypoints", "boxes")
 #: Views per forward when ``chunk_size="auto"``: one view at a time on CPU, all views of a shape stacked on GPU (the
 #: CPU choice is timed by ``benchmarks/tta_chunking.py``; the GPU choice is not measured).
 AUTO_CPU_CHUNK = 1
@@ -34,35 +33,19 @@ def auto_chunk_size(device: torch.device) -> int | None:
     return AUTO_CPU_CHUNK if device.type == "cpu" else None
 
 
-def _pairs(name: str, pairs: Sequence[Sequence[int]] | None) -> tuple[tuple[int, int], ...]:
-    if pairs is None:
-        return ()
-    if isinstance(pairs, str) or not isinstance(pairs, Sequence):
-        raise ValueError(f"`{name}`={pairs!r} must be a list of index pairs such as [(1, 2)], or None.")
-    out = []
-    for pair in pairs:
-        pair = tuple(pair) if isinstance(pair, Sequence) and not isinstance(pair, str) else (pair,)
-        if len(pair) != 2 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in pair):
-            raise ValueError(f"`{name}` entry {pair!r} must be a pair of non-negative indices.")
-        out.append(pair)
-    used = [i for pair in out for i in pair]
-    if len(used) != len(set(used)):
-        raise ValueError(f"`{name}`={pairs!r} uses an index twice; each index may appear in one pair only.")
-    return tuple(out)  # type: ignore[return-value]
-
-
-def _uncertainty(value: bool | str | Sequence[str] | None, task: str) -> tuple[str, ...]:
+def _uncertainty(value: bool | str | Sequence[str] | None, task: Task) -> tuple[str, ...]:
+    """The uncertainty measures requested by ``value`` (``True``: every measure ``task`` supports)."""
     if value is None or value is False:
         return ()
     if value is True:
-        return UNCERTAINTIES if task in CLASS_TASKS else ("std",)
+        return UNCERTAINTIES if task.classes else ("std",)
     if not isinstance(value, str | Sequence):
         raise ValueError(f"`uncertainty`={value!r} must be True, a name or a list of names among {UNCERTAINTIES}.")
     names = (value,) if isinstance(value, str) else tuple(value)
     for name in names:
         check_choice("uncertainty", name, UNCERTAINTIES)
-        if name != "std" and task not in CLASS_TASKS:
-            raise ValueError(f"`uncertainty`={name!r} needs class outputs; task={task!r} supports only 'std'.")
+        if name != "std" and not task.classes:
+            raise ValueError(f"`uncertainty`={name!r} needs class outputs; task={task.name!r} supports only 'std'.")
     return names
 
 
@@ -83,19 +66,17 @@ class Augmenter:
             Default ``"hflip"``.
         merge: ``mean``, ``sum``, ``max``, ``min``, ``median``, ``gmean``, ``tsharpen`` or ``vote`` (with a single
             view only those that differ from ``mean``: ``tsharpen``, ``vote``). Default ``"mean"``.
-        task: ``classification`` (outputs unchanged), ``segmentation`` (dense ``(B, C, H, W)`` outputs mapped
-            back), ``keypoints`` (``(B, K, 2+)`` ``(x, y)`` pixel coordinates) or ``boxes`` (``(B, N, 4+)`` xyxy).
-            Default ``"classification"``.
+        task: what the model predicts, as a :mod:`~ttc_lightning.tta.tasks` object with its options, or by name
+            with the defaults: ``classification`` (outputs unchanged), ``segmentation`` (dense ``(B, C, H, W)``
+            outputs mapped back), ``keypoints`` (``(B, K, 2+)`` ``(x, y)`` pixel coordinates) or ``boxes``
+            (``(B, N, 4+)`` xyxy). Class index pairs swapped in mirrored views are options of the task:
+            ``ttc.tta.Segmentation(flip_classes=[(1, 2)])``, ``ttc.tta.Keypoints(flip_pairs=[(1, 2)])``. Default
+            ``"classification"``.
         space: ``raw``, ``prob`` or ``logprob`` (see :mod:`ttc_lightning.ops.merge`); ``None`` picks ``raw``, or
             ``prob`` for ``gmean``, ``tsharpen`` and ``vote``. Default ``None``.
         activation: ``softmax`` over dim 1 or ``sigmoid`` (multi-label), for ``prob``/``logprob``, ``vote`` and
             the class uncertainty measures (refused with ``space="raw"`` and no class measure, where it has no
             effect). Default ``"softmax"``.
-        flip_classes: pairs of class indices swapped in views that mirror the image (an odd number of h-flips,
-            v-flips and transposes), e.g. left/right arm in segmentation; refused when no view mirrors. Default
-            ``None``.
-        flip_pairs: pairs of keypoint indices swapped in mirrored views (task ``keypoints``; refused when no view
-            mirrors). Default ``None``.
         uncertainty: ``True`` for every measure the task supports, or names among ``std``, ``entropy``,
             ``mutual_info``, ``agreement`` (see :mod:`ttc_lightning.ops.uncertainty`). Default ``None``.
         chunk_size: views per forward call: ``None`` stacks every view of a shape into one forward, an int bounds
@@ -120,17 +101,21 @@ class Augmenter:
     output dtype; uncertainty measures are in the accumulation dtype (float32 at least). Transforms act on the last
     two dimensions as ``(H, W)``: a 4-D input that looks channel-last (last dimension 1, 3 or 4, dim 1 larger than
     4) gets a warning.
+
+    Raises:
+        ValueError: for an unknown name or a value out of range, arguments that contradict each other, and an
+            argument that cannot act given the others (named with the reason and what would make it act).
+        TypeError: for a ``stop`` that is not a stopping rule, and the keywords that moved to the task objects.
     """
 
+    @refuse_moved
     def __init__(
         self,
         transforms: TransformSpec = "hflip",
         merge: str = "mean",
-        task: str = "classification",
+        task: TaskSpec = "classification",
         space: str | None = None,
         activation: str = "softmax",
-        flip_classes: Sequence[Sequence[int]] | None = None,
-        flip_pairs: Sequence[Sequence[int]] | None = None,
         uncertainty: bool | str | Sequence[str] | None = None,
         chunk_size: int | str | None = "auto",
         stop: StoppingRule | None = None,
@@ -138,65 +123,26 @@ class Augmenter:
         anytime: bool = False,
         return_views: bool = False,
     ) -> None:
-        check_choice("task", task, TASKS)
+        self.task = resolve_task(task)
         check_choice("merge", merge, MERGES)
         check_choice("activation", activation, ACTIVATIONS)
         if space is not None:
             check_choice("space", space, SPACES)
         self.transforms = resolve_transforms(transforms)
-        for transform in self.transforms:
-            if task != "classification" and not transform.invertible(points=task in POINT_TASKS):
-                raise ValueError(
-                    f"`transforms` includes {transform!r}, which has no inverse for task={task!r}; it moves labels "
-                    "that cannot be mapped back. Use it with task='classification' only."
-                )
-        if task not in CLASS_TASKS and (merge == "vote" or space in ("prob", "logprob")):
-            bad = "merge='vote'" if merge == "vote" else f"space={space!r}"
-            raise ValueError(f"{bad} needs class outputs; task={task!r} outputs coordinates. Use space='raw'.")
-        if merge == "vote" and (activation != "softmax" or space not in (None, "prob")):
-            raise ValueError(
-                f"merge='vote' counts argmax votes over softmax classes: it needs activation='softmax' and space None "
-                f"or 'prob'; got activation={activation!r}, space={space!r}."
-            )
-        if merge in ("gmean", "tsharpen") and space == "logprob":
-            raise ValueError(f"merge={merge!r} is undefined on log-probabilities (negative); use space='prob'.")
+        self.task.check_transforms(self.transforms)
+        self._check_merge(merge, space, activation)
         self.views = expand(self.transforms)
-        mirrored = any(view.reflects for view in self.views)
-        no_mirror = f"it swaps indices in mirrored views, and transforms={transforms!r} has none"
-        with_mirror = "Add a mirroring transform (hflip, vflip, transpose; d4 and flip include one) or drop it"
-        if task in CLASS_TASKS:
-            self.flip_classes = _pairs("flip_classes", flip_classes)
-            if self.flip_classes and not mirrored:
-                check_unused("flip_classes", flip_classes, None, no_mirror, with_mirror)
-        elif flip_classes:
-            raise ValueError(f"`flip_classes` applies to class outputs; task={task!r}. Use flip_pairs for keypoints.")
-        if task == "keypoints":
-            self.flip_pairs = _pairs("flip_pairs", flip_pairs)
-            if self.flip_pairs and not mirrored:
-                check_unused("flip_pairs", flip_pairs, None, no_mirror, with_mirror)
-        elif flip_pairs:
-            raise ValueError(f"`flip_pairs` applies to task='keypoints'; got task={task!r}.")
+        self.task.check_views(self.views, transforms)
         if chunk_size not in (None, "auto"):
             check_int("chunk_size", chunk_size, 1)
-        self.task, self.merge, self.activation = task, merge, activation
+        self.merge, self.activation = merge, activation
         self.space = space or default_space(merge)
-        self.uncertainty = _uncertainty(uncertainty, task)
+        self.uncertainty = _uncertainty(uncertainty, self.task)
         self.chunk_size = chunk_size
-        class_measures = any(name != "std" for name in self.uncertainty)
-        if self.space == "raw" and not class_measures:
-            why = (
-                "it maps outputs to probabilities for space 'prob'/'logprob' and the uncertainty measures entropy, "
-                f"mutual_info and agreement, and space='raw' with uncertainty={self.uncertainty or None!r} uses none"
-            )
-            check_unused("activation", activation, "softmax", why, "Set space='prob' or a class uncertainty measure")
-        self._needs_classes = activation == "softmax" and (merge == "vote" or self.space != "raw" or class_measures)
+        self._needs_classes = self._check_activation()
+        self._setting = f"merge={self.merge!r}, space={self.space!r}, uncertainty={self.uncertainty}"
         if len(self.views) == 1:
-            one = f"transforms={transforms!r} gives a single view"
-            if merge in ("sum", "max", "min", "median", "gmean"):
-                why = f"{one}, and merge={merge!r} of one output equals merge='mean' in the same `space`"
-                check_unused("merge", merge, "mean", why, "Use several views, or `space` to change the output's space")
-            why = f"{one}, which is always one forward"
-            check_unused("chunk_size", chunk_size, "auto", why, "Use several views or drop it")
+            self._check_single_view(transforms)
         self._plans: dict[tuple[Size, int | None], list[list[View]]] = {}
         check_int("min_views", min_views, 1)
         check_bool("anytime", anytime)
@@ -204,8 +150,50 @@ class Augmenter:
         self.stop, self.min_views, self.anytime, self.return_views = stop, min_views, anytime, return_views
         self.stats = HaltingStats()
         self._warned_layout = False
+        self._check_stop()
+
+    def _check_merge(self, merge: str, space: str | None, activation: str) -> None:
+        """Refuse merges and spaces the task's outputs or the activation cannot give."""
+        if not self.task.classes and (merge == "vote" or space in ("prob", "logprob")):
+            bad = "merge='vote'" if merge == "vote" else f"space={space!r}"
+            raise ValueError(
+                f"{bad} needs class outputs; task={self.task.name!r} outputs coordinates. Use space='raw'."
+            )
+        if merge == "vote" and (activation != "softmax" or space not in (None, "prob")):
+            raise ValueError(
+                f"merge='vote' counts argmax votes over softmax classes: it needs activation='softmax' and space None "
+                f"or 'prob'; got activation={activation!r}, space={space!r}."
+            )
+        if merge in ("gmean", "tsharpen") and space == "logprob":
+            raise ValueError(f"merge={merge!r} is undefined on log-probabilities (negative); use space='prob'.")
+
+    def _check_activation(self) -> bool:
+        """Refuse an activation nothing uses; return whether the outputs must hold softmax classes along dim 1."""
+        class_measures = any(name != "std" for name in self.uncertainty)
+        if self.space == "raw" and not class_measures:
+            why = (
+                "it maps outputs to probabilities for space 'prob'/'logprob' and the uncertainty measures entropy, "
+                f"mutual_info and agreement, and space='raw' with uncertainty={self.uncertainty or None!r} uses none"
+            )
+            check_unused(
+                "activation", self.activation, "softmax", why, "Set space='prob' or a class uncertainty measure"
+            )
+        return self.activation == "softmax" and (self.merge == "vote" or self.space != "raw" or class_measures)
+
+    def _check_single_view(self, transforms: TransformSpec) -> None:
+        """Refuse the merges and the chunking that cannot act on a single view."""
+        one = f"transforms={transforms!r} gives a single view"
+        if self.merge in ("sum", "max", "min", "median", "gmean"):
+            why = f"{one}, and merge={self.merge!r} of one output equals merge='mean' in the same `space`"
+            check_unused("merge", self.merge, "mean", why, "Use several views, or `space` to change the output's space")
+        why = f"{one}, which is always one forward"
+        check_unused("chunk_size", self.chunk_size, "auto", why, "Use several views or drop it")
+
+    def _check_stop(self) -> None:
+        """Refuse the adaptive options without ``stop``, and the combinations ``stop`` cannot act in."""
+        stop, min_views = self.stop, self.min_views
         if stop is None:
-            if anytime or return_views:
+            if self.anytime or self.return_views:
                 raise ValueError("`anytime` and `return_views` need a stopping rule: pass `stop`.")
             why = "it is the number of views every sample gets before `stop` is asked, and stop=None"
             check_unused("min_views", min_views, 1, why, "Pass a stopping rule as `stop` or drop it")
@@ -214,20 +202,20 @@ class Augmenter:
             raise TypeError(f"`stop` must be a ttc_lightning.stopping rule; got {type(stop).__name__}.")
         if min_views > len(self.views):
             raise ValueError(f"`min_views`={min_views} exceeds the {len(self.views)} views of `transforms`.")
-        if min_views == len(self.views) and not anytime:
+        if min_views == len(self.views) and not self.anytime:
             raise ValueError(
                 f"`stop`={stop!r} has no effect: min_views={min_views} is the number of views of `transforms`, so "
                 "every sample gets every view before the rule is asked. Use a smaller `min_views` (or more views), "
                 "or drop stop."
             )
         why = "with `stop` the views run one at a time (one forward per view on the samples still running)"
-        check_unused("chunk_size", chunk_size, "auto", why, "Drop chunk_size, or drop stop to stack views")
-        if merge == "median":
+        check_unused("chunk_size", self.chunk_size, "auto", why, "Drop chunk_size, or drop stop to stack views")
+        if self.merge == "median":
             raise ValueError("`stop` cannot be combined with merge='median' (it keeps every view); pick another.")
-        if stop.uses_classes and task != "classification":
+        if stop.uses_classes and not self.task.sample_classes:
             raise ValueError(
-                f"`stop`={stop!r} decides on class probabilities and needs task='classification'; got task={task!r}. "
-                "Converged(tol) works on any output."
+                f"`stop`={stop!r} decides on class probabilities and needs task='classification'; got "
+                f"task={self.task.name!r}. Converged(tol) works on any output."
             )
 
     def __len__(self) -> int:
@@ -254,25 +242,7 @@ class Augmenter:
     ) -> tuple[Tensor, dict]:
         """:meth:`__call__` with the forward's arguments as a tuple and a dict; ``batch_dependent`` says whether
         ``forward`` depends on the batch (``chunk_size="auto"`` then stacks the same views on every device)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(
-                f"Test-time augmentation needs a tensor input; got {type(x).__name__}. A step that calls self(batch) "
-                "passes the whole batch: call self(x) with the input tensor, or inherit ttc.TestTimeComputeMixin, "
-                "whose predict_step takes the input from the batch."
-            )
-        spatial = any(view.spatial for view in self.views)
-        if x.ndim < 3 and spatial:
-            raise ValueError(
-                f"`transforms` {self.transforms} move pixels and need an image batch (B, ..., H, W) with at least "
-                f"3 dimensions; got an input of shape {tuple(x.shape)}."
-            )
-        if spatial and x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4 and not self._warned_layout:
-            self._warned_layout = True
-            rank_zero_warn(
-                f"Test-time augmentation got an input of shape {tuple(x.shape)}, which looks channel-last "
-                "(B, H, W, C); transforms act on the last two dimensions as (H, W). Permute the input to (B, C, H, W)."
-            )
-        size: Size = tuple(x.shape[-2:]) if x.ndim >= 3 else (1, 1)  # type: ignore[assignment]
+        size = self._input_size(x)
         if self.stop is not None:
             return self._adaptive(forward, x, size, args, kwargs)
         chunk = self.chunk_size
@@ -313,6 +283,28 @@ class Augmenter:
         extras = tracker.result(merged) if tracker is not None else {}
         return merged.to(out_dtype), extras
 
+    def _input_size(self, x: Any) -> Size:
+        """The spatial size ``(H, W)`` of an input the views can apply to (``(1, 1)`` for views that move no pixel)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"Test-time augmentation needs a tensor input; got {type(x).__name__}. A step that calls self(batch) "
+                "passes the whole batch: call self(x) with the input tensor, or inherit ttc.TestTimeComputeMixin, "
+                "whose predict_step takes the input from the batch."
+            )
+        spatial = any(view.spatial for view in self.views)
+        if x.ndim < 3 and spatial:
+            raise ValueError(
+                f"`transforms` {self.transforms} move pixels and need an image batch (B, ..., H, W) with at least "
+                f"3 dimensions; got an input of shape {tuple(x.shape)}."
+            )
+        if spatial and x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4 and not self._warned_layout:
+            self._warned_layout = True
+            rank_zero_warn(
+                f"Test-time augmentation got an input of shape {tuple(x.shape)}, which looks channel-last "
+                "(B, H, W, C); transforms act on the last two dimensions as (H, W). Permute the input to (B, C, H, W)."
+            )
+        return tuple(x.shape[-2:]) if x.ndim >= 3 else (1, 1)  # type: ignore[return-value]
+
     def _adaptive(
         self, forward: Callable[..., Any], x: Tensor, size: Size, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Tensor, dict]:
@@ -338,37 +330,5 @@ class Augmenter:
 
     def _deaugment(self, view: View, y: Tensor, size: Size) -> Tensor:
         """Map one view's output back to the input's frame, for the task."""
-        task = self.task
-        minimum = {"classification": 2 if self._needs_classes else 1, "segmentation": 3}
-        if task in CLASS_TASKS:
-            if y.ndim < minimum[task]:
-                what = "(B, C, H, W) dense" if task == "segmentation" else "(B, C) class"
-                raise ValueError(
-                    f"task={task!r} with merge={self.merge!r}, space={self.space!r}, uncertainty={self.uncertainty} "
-                    f"needs {what} outputs; the model returned shape {tuple(y.shape)}."
-                )
-            if task == "segmentation" and view.spatial:
-                y = view.deaugment(y, size)
-            return self._swap(y, self.flip_classes, 1, "flip_classes") if view.reflects else y
-        width = 2 if task == "keypoints" else 4
-        if y.ndim != 3 or y.shape[-1] < width:
-            raise ValueError(
-                f"task={task!r} needs outputs of shape (B, N, {width}+) with (x, y) pixel coordinates first; the "
-                f"model returned shape {tuple(y.shape)}."
-            )
-        if task == "boxes":
-            return F.points_as_boxes(view.deaugment_points(F.boxes_as_points(y), size))
-        y = view.deaugment_points(y, size)
-        return self._swap(y, self.flip_pairs, 1, "flip_pairs") if view.reflects else y
-
-    @staticmethod
-    def _swap(y: Tensor, pairs: tuple[tuple[int, int], ...], dim: int, name: str) -> Tensor:
-        if not pairs:
-            return y
-        n = y.shape[dim]
-        if max(i for pair in pairs for i in pair) >= n:
-            raise ValueError(f"`{name}`={pairs!r} indexes past the {n} entries of output dim {dim}.")
-        order = list(range(n))
-        for a, b in pairs:
-            order[a], order[b] = b, a
-        return y.index_select(dim, torch.tensor(order, device=y.device))
+        self.task.check_output(y, self._needs_classes, self._setting)
+        return self.task.deaugment(view, y, size)

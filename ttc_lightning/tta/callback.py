@@ -11,6 +11,7 @@ from ttc_lightning.halting import HaltingStats
 from ttc_lightning.pipeline import Inner, Output, Run, Step, values
 from ttc_lightning.stopping import StoppingRule
 from ttc_lightning.tta.augmenter import Augmenter
+from ttc_lightning.tta.tasks import TaskSpec, refuse_moved
 from ttc_lightning.tta.transforms import TransformSpec
 
 
@@ -30,13 +31,14 @@ class TestTimeAugmentation(TestTimeCallback):
             (last fastest; identity first). Default ``"hflip"``.
         merge: ``mean``, ``sum``, ``max``, ``min``, ``median``, ``gmean``, ``tsharpen`` or ``vote``. Default
             ``"mean"``.
-        task: ``classification``, ``segmentation``, ``keypoints`` or ``boxes``. Default ``"classification"``.
+        task: ``classification``, ``segmentation``, ``keypoints`` or ``boxes`` with their defaults, or a task object
+            with its options: ``ttc.tta.Classification(flip_classes=...)``, ``ttc.tta.Segmentation(flip_classes=...)``
+            (class index pairs swapped in mirrored views), ``ttc.tta.Keypoints(flip_pairs=...)`` (keypoint index
+            pairs), ``ttc.tta.Boxes()``. Default ``"classification"``.
         space: ``raw`` (ttach's numbers), ``prob`` or ``logprob``; ``None`` picks ``raw``, or ``prob`` for
             ``gmean``, ``tsharpen`` and ``vote``. Default ``None``.
         activation: ``softmax`` or ``sigmoid`` (multi-label), for ``space`` ``prob``/``logprob`` and the class
             uncertainty measures (refused where neither is used). Default ``"softmax"``.
-        flip_classes: class index pairs swapped in mirrored views (refused when no view mirrors). Default ``None``.
-        flip_pairs: keypoint index pairs swapped in mirrored views (refused when no view mirrors). Default ``None``.
         uncertainty: ``True`` or names among ``std``, ``entropy``, ``mutual_info``, ``agreement``. Default ``None``.
         chunk_size: views per forward; ``None`` stacks all views of a shape, ``"auto"`` is 1 on CPU (one view's
             memory; timings in ``benchmarks/README.md``) and ``None`` on accelerators (not measured: no GPU run
@@ -56,25 +58,31 @@ class TestTimeAugmentation(TestTimeCallback):
     view) and ``halted/<rule>`` (fraction of samples each rule stopped; ``halted/max_iters``: samples that saw every
     view) appear in the progress bar and the logger, and are summarised at the end of the stage.
 
+    Raises:
+        ValueError: for the arguments :class:`~ttc_lightning.Augmenter` refuses (unknown names, contradictions,
+            arguments that cannot act given the others) and unknown ``stages``.
+        TypeError: for a ``stop`` that is not a stopping rule, and ``flip_classes``/``flip_pairs``, which moved to
+            the task objects.
+
     Example::
 
         trainer = L.Trainer(callbacks=[ttc.TestTimeAugmentation(transforms="d4", merge="mean")])
         logits = trainer.predict(model, dataloaders=loader)
 
         adaptive = ttc.TestTimeAugmentation(transforms="d4", stop=stopping.Confidence(0.95) | stopping.Stable(2))
+        pose = ttc.TestTimeAugmentation(transforms="hflip", task=ttc.tta.Keypoints(flip_pairs=[(1, 2), (3, 4)]))
     """
 
     role: ClassVar[str] = "augmentation"
 
+    @refuse_moved
     def __init__(
         self,
         transforms: TransformSpec = "hflip",
         merge: str = "mean",
-        task: str = "classification",
+        task: TaskSpec = "classification",
         space: str | None = None,
         activation: str = "softmax",
-        flip_classes: Sequence[Sequence[int]] | None = None,
-        flip_pairs: Sequence[Sequence[int]] | None = None,
         uncertainty: bool | str | Sequence[str] | None = None,
         chunk_size: int | str | None = "auto",
         stop: StoppingRule | None = None,
@@ -90,8 +98,6 @@ class TestTimeAugmentation(TestTimeCallback):
             task,
             space,
             activation,
-            flip_classes,
-            flip_pairs,
             uncertainty,
             chunk_size,
             stop,

@@ -1,22 +1,20 @@
-"""Invertible test-time transforms, their registry and aliases, and the views a composition expands into.
+"""Invertible test-time transforms: the :class:`Transform` base class and the built-in transforms.
 
-A :class:`Transform` has a finite tuple of parameters, identity first; a list of transforms expands into the
-product of their parameters (the last transform varies fastest, as in ttach), one :class:`View` per combination.
+A :class:`Transform` has a finite tuple of parameters, identity first. Names and aliases live in
+:mod:`ttc_lightning.tta.registry`; the views a list of transforms expands into in :mod:`ttc_lightning.tta.views`.
 """
 
-import itertools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from torch import Tensor
+from typing_extensions import override
 
 from ttc_lightning.checks import check_unused
 from ttc_lightning.tta import functional as F
 from ttc_lightning.tta.functional import Size
-
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
+from ttc_lightning.tta.params import check_interpolation, numbers, sequence, size_pair, with_identity
 
 
 class Transform:
@@ -40,6 +38,9 @@ class Transform:
     """
 
     spatial: ClassVar[bool] = True
+    #: The name views are labelled with (see :meth:`describe`): a built-in's registered name, set on a subclass by
+    #: :func:`~ttc_lightning.register_transform`; ``None`` labels views with the class name.
+    label: ClassVar[str | None] = None
 
     def __init__(self, params: Sequence[Any]) -> None:
         self.params: tuple[Any, ...] = tuple(params)
@@ -79,7 +80,7 @@ class Transform:
 
     def describe(self, param: Any) -> str:
         """A short label for one view, e.g. ``rot90(1)``."""
-        return f"{_NAMES.get(type(self), type(self).__name__)}({param})"
+        return f"{type(self).__dict__.get('label') or type(self).__name__}({param})"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(params={self.params!r})"
@@ -90,47 +91,32 @@ class _ValueTransform(Transform):
 
     spatial = False
 
+    @override
     def deaugment(self, y: Tensor, param: Any, size: Size | None) -> Tensor:
         return y
 
+    @override
     def deaugment_points(self, points: Tensor, param: Any, size: Size) -> Tensor:
         return points
-
-
-def _sequence(name: str, values: Any) -> list[Any]:
-    """``values`` as a list, after checking it is a list or tuple (not a single value or a string)."""
-    if isinstance(values, str) or not isinstance(values, Sequence):
-        raise ValueError(
-            f"`{name}`={values!r} must be a list or tuple of values, not a single {type(values).__name__}."
-        )
-    return list(values)
-
-
-def _numbers(name: str, values: Any) -> list[float]:
-    """``values`` as floats, after checking it is a list or tuple of numbers (not bools)."""
-    bad = [v for v in _sequence(name, values) if isinstance(v, bool) or not isinstance(v, int | float)]
-    if bad:
-        raise ValueError(f"`{name}`={tuple(values)!r} must hold numbers; got {bad!r}.")
-    return [float(v) for v in values]
-
-
-def _with_identity(identity: Any, values: Sequence[Any]) -> tuple[Any, ...]:
-    """``values`` without repeats, identity first."""
-    return tuple(dict.fromkeys((identity, *values)))
 
 
 class Identity(Transform):
     """The unchanged image: one view."""
 
+    label = "identity"
+
     def __init__(self) -> None:
         super().__init__((None,))
 
+    @override
     def augment(self, x: Tensor, param: Any) -> Tensor:
         return x
 
+    @override
     def deaugment(self, y: Tensor, param: Any, size: Size | None) -> Tensor:
         return y
 
+    @override
     def deaugment_points(self, points: Tensor, param: Any, size: Size) -> Tensor:
         return points
 
@@ -141,9 +127,11 @@ class _Mirror(Transform):
     def __init__(self) -> None:
         super().__init__((False, True))
 
+    @override
     def reflects(self, param: bool) -> bool:
         return bool(param)
 
+    @override
     def deaugment(self, y: Tensor, param: bool, size: Size | None) -> Tensor:
         return self.augment(y, param)
 
@@ -151,9 +139,13 @@ class _Mirror(Transform):
 class HFlip(_Mirror):
     """Horizontal flip (left-right): views ``(False, True)``."""
 
+    label = "hflip"
+
+    @override
     def augment(self, x: Tensor, param: bool) -> Tensor:
         return F.hflip(x) if param else x
 
+    @override
     def deaugment_points(self, points: Tensor, param: bool, size: Size) -> Tensor:
         return F.points_hflip(points, size) if param else points
 
@@ -161,9 +153,13 @@ class HFlip(_Mirror):
 class VFlip(_Mirror):
     """Vertical flip (top-bottom): views ``(False, True)``."""
 
+    label = "vflip"
+
+    @override
     def augment(self, x: Tensor, param: bool) -> Tensor:
         return F.vflip(x) if param else x
 
+    @override
     def deaugment_points(self, points: Tensor, param: bool, size: Size) -> Tensor:
         return F.points_vflip(points, size) if param else points
 
@@ -171,12 +167,17 @@ class VFlip(_Mirror):
 class Transpose(_Mirror):
     """Swap of the spatial axes: views ``(False, True)``; on non-square images ``H`` and ``W`` swap."""
 
+    label = "transpose"
+
+    @override
     def augment(self, x: Tensor, param: bool) -> Tensor:
         return F.transpose(x) if param else x
 
+    @override
     def output_size(self, size: Size, param: bool) -> Size:
         return (size[1], size[0]) if param else size
 
+    @override
     def deaugment_points(self, points: Tensor, param: bool, size: Size) -> Tensor:
         return F.points_transpose(points) if param else points
 
@@ -188,29 +189,29 @@ class Rotate90(Transform):
         ks: the turns, identity ``0`` prepended when missing. Default ``(0, 1, 2, 3)``.
     """
 
+    label = "rot90"
+
     def __init__(self, ks: Sequence[int] = (0, 1, 2, 3)) -> None:
-        bad = [k for k in _sequence("ks", ks) if isinstance(k, bool) or not isinstance(k, int) or k not in range(4)]
+        bad = [k for k in sequence("ks", ks) if isinstance(k, bool) or not isinstance(k, int) or k not in range(4)]
         if bad:
             raise ValueError(f"`ks`={tuple(ks)!r} must hold integers in 0..3 (quarter turns); got {bad!r}.")
-        super().__init__(_with_identity(0, ks))
+        super().__init__(with_identity(0, ks))
 
+    @override
     def augment(self, x: Tensor, param: int) -> Tensor:
         return F.rot90(x, param) if param else x
 
+    @override
     def deaugment(self, y: Tensor, param: int, size: Size | None) -> Tensor:
         return F.rot90(y, -param) if param else y
 
+    @override
     def deaugment_points(self, points: Tensor, param: int, size: Size) -> Tensor:
         return F.points_rot90(points, -param, self.output_size(size, param)) if param else points
 
+    @override
     def output_size(self, size: Size, param: int) -> Size:
         return (size[1], size[0]) if param % 2 else size
-
-
-def _check_interpolation(mode: str) -> str:
-    if mode not in INTERPOLATIONS:
-        raise ValueError(f"`interpolation`={mode!r} is not supported; allowed: {', '.join(INTERPOLATIONS)}.")
-    return mode
 
 
 class _Resampling(Transform):
@@ -218,14 +219,16 @@ class _Resampling(Transform):
 
     def __init__(self, params: Sequence[Any], interpolation: str, what: str) -> None:
         super().__init__(params)
-        self.interpolation = _check_interpolation(interpolation)
+        self.interpolation = check_interpolation(interpolation)
         if len(self.params) == 1:
             why = f"{what} leave only the identity view, which is never resampled"
             check_unused("interpolation", interpolation, "bilinear", why, "Add a view that resamples or drop it")
 
+    @override
     def augment(self, x: Tensor, param: Any) -> Tensor:
         return F.resize(x, self.output_size(tuple(x.shape[-2:]), param), self.interpolation)
 
+    @override
     def deaugment(self, y: Tensor, param: Any, size: Size | None) -> Tensor:
         if size is None:
             raise ValueError(
@@ -234,6 +237,7 @@ class _Resampling(Transform):
             )
         return F.resize(y, size, self.interpolation)
 
+    @override
     def deaugment_points(self, points: Tensor, param: Any, size: Size) -> Tensor:
         return F.points_resize(points, self.output_size(size, param), size)
 
@@ -248,14 +252,15 @@ class Scale(_Resampling):
             ``area``; refused when every scale is 1 (nothing is resampled). Default ``bilinear`` (ttach: ``nearest``).
     """
 
+    label = "scale"
+
     def __init__(self, scales: Sequence[float] = (1.0, 0.875, 1.125), interpolation: str = "bilinear") -> None:
-        bad = [
-            s for s in _sequence("scales", scales) if not isinstance(s, int | float) or isinstance(s, bool) or s <= 0
-        ]
+        bad = [s for s in sequence("scales", scales) if not isinstance(s, int | float) or isinstance(s, bool) or s <= 0]
         if bad:
             raise ValueError(f"`scales`={tuple(scales)!r} must be positive numbers; got {bad!r}.")
-        super().__init__(_with_identity(1.0, [float(s) for s in scales]), interpolation, f"scales={tuple(scales)!r}")
+        super().__init__(with_identity(1.0, [float(s) for s in scales]), interpolation, f"scales={tuple(scales)!r}")
 
+    @override
     def output_size(self, size: Size, param: float) -> Size:
         return (max(1, math.floor(size[0] * param)), max(1, math.floor(size[1] * param)))
 
@@ -268,19 +273,15 @@ class Resize(_Resampling):
         interpolation: as for :class:`Scale` (refused without ``sizes``). Default ``bilinear``.
     """
 
+    label = "resize"
+
     def __init__(self, sizes: Sequence[int | Sequence[int]], interpolation: str = "bilinear") -> None:
-        pairs = [_as_pair("sizes", s) for s in _sequence("sizes", sizes)]
+        pairs = [size_pair("sizes", s) for s in sequence("sizes", sizes)]
         super().__init__((None, *pairs), interpolation, f"sizes={tuple(sizes)!r}")
 
+    @override
     def output_size(self, size: Size, param: Size | None) -> Size:
         return size if param is None else param
-
-
-def _as_pair(name: str, value: int | Sequence[int]) -> Size:
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
-        raise ValueError(f"`{name}` entry {value!r} must be a positive int or a pair (H, W) of positive ints.")
-    return pair  # type: ignore[return-value]
 
 
 class Add(_ValueTransform):
@@ -290,9 +291,12 @@ class Add(_ValueTransform):
         values: offsets, identity ``0.0`` prepended when missing. Default ``(0.0, -0.1, 0.1)``.
     """
 
-    def __init__(self, values: Sequence[float] = (0.0, -0.1, 0.1)) -> None:
-        super().__init__(_with_identity(0.0, _numbers("values", values)))
+    label = "add"
 
+    def __init__(self, values: Sequence[float] = (0.0, -0.1, 0.1)) -> None:
+        super().__init__(with_identity(0.0, numbers("values", values)))
+
+    @override
     def augment(self, x: Tensor, param: float) -> Tensor:
         return x + param if param else x
 
@@ -304,9 +308,12 @@ class Multiply(_ValueTransform):
         factors: factors, identity ``1.0`` prepended when missing. Default ``(1.0, 0.9, 1.1)``.
     """
 
-    def __init__(self, factors: Sequence[float] = (1.0, 0.9, 1.1)) -> None:
-        super().__init__(_with_identity(1.0, _numbers("factors", factors)))
+    label = "multiply"
 
+    def __init__(self, factors: Sequence[float] = (1.0, 0.9, 1.1)) -> None:
+        super().__init__(with_identity(1.0, numbers("factors", factors)))
+
+    @override
     def augment(self, x: Tensor, param: float) -> Tensor:
         return x * param if param != 1.0 else x
 
@@ -325,13 +332,15 @@ class FiveCrop(Transform):
             the smaller input (global pooling).
     """
 
+    label = "five_crop"
+
     def __init__(self, size: float | int | Sequence[int] = 0.875) -> None:
         if isinstance(size, float):
             if not 0 < size <= 1:
                 raise ValueError(f"`size`={size!r} as a fraction must lie in (0, 1].")
             self.size: float | Size = size
         else:
-            self.size = _as_pair("size", size)
+            self.size = size_pair("size", size)
         super().__init__(CROP_POSITIONS)
 
     def _crop_size(self, size: Size) -> Size:
@@ -339,14 +348,17 @@ class FiveCrop(Transform):
             return (max(1, math.floor(size[0] * self.size)), max(1, math.floor(size[1] * self.size)))
         return self.size
 
+    @override
     def check(self, size: Size, param: str) -> None:
         crop = self._crop_size(size)
         if crop[0] > size[0] or crop[1] > size[1]:
             raise ValueError(f"`size`={self.size!r}: the crop {crop} is larger than the image {tuple(size)}.")
 
+    @override
     def output_size(self, size: Size, param: str) -> Size:
         return self._crop_size(size)
 
+    @override
     def augment(self, x: Tensor, param: str) -> Tensor:
         height, width = x.shape[-2:]
         h, w = self._crop_size((height, width))
@@ -355,141 +367,5 @@ class FiveCrop(Transform):
         return F.crop(x, top, left, h, w)
 
 
-TransformT = TypeVar("TransformT", bound=type[Transform])
-_REGISTRY: dict[str, type[Transform]] = {}
-_NAMES: dict[type[Transform], str] = {}
-
-
-def register_transform(name: str) -> Callable[[TransformT], TransformT]:
-    """Class decorator registering a :class:`Transform` subclass under ``name``.
-
-    A registered name is accepted wherever transform names are (``transforms=["hflip", name]``); the class is
-    instantiated with its default arguments.
-    """
-
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"register_transform: the name {name!r} must be a non-empty string.")
-
-    def decorator(cls: TransformT) -> TransformT:
-        if not (isinstance(cls, type) and issubclass(cls, Transform)):
-            raise TypeError(f"register_transform({name!r}) decorates Transform subclasses; got {cls!r}.")
-        if name in _REGISTRY or name in ALIASES:
-            raise ValueError(f"register_transform: the name {name!r} is already taken by {_REGISTRY.get(name)}.")
-        _REGISTRY[name] = cls
-        _NAMES[cls] = name
-        return cls
-
-    return decorator
-
-
-for _name, _cls in [
-    ("identity", Identity),
-    ("hflip", HFlip),
-    ("vflip", VFlip),
-    ("rot90", Rotate90),
-    ("transpose", Transpose),
-    ("scale", Scale),
-    ("add", Add),
-    ("multiply", Multiply),
-    ("five_crop", FiveCrop),
-]:
-    _REGISTRY[_name] = _cls
-    _NAMES[_cls] = _name
-_NAMES[Resize] = "resize"
-
-#: Named compositions (``flip``: h-flip x v-flip; ``d4``: h-flip x rot90 0/90/180/270, identity first;
-#: ``multiscale``: scales 1, 0.875, 1.125; ``five_crop``: 0.875 crops; ``ten_crop``: h-flip x five_crop).
-ALIASES: dict[str, Callable[[], list[Transform]]] = {
-    "identity": lambda: [Identity()],
-    "hflip": lambda: [HFlip()],
-    "vflip": lambda: [VFlip()],
-    "flip": lambda: [HFlip(), VFlip()],
-    "d4": lambda: [HFlip(), Rotate90()],
-    "multiscale": lambda: [Scale()],
-    "five_crop": lambda: [FiveCrop()],
-    "ten_crop": lambda: [HFlip(), FiveCrop()],
-}
-
+#: What ``transforms=`` accepts: an alias or registered name, a :class:`Transform`, or a list of these (their product).
 TransformSpec = str | Transform | Sequence[str | Transform]
-
-
-def resolve_transforms(spec: TransformSpec) -> list[Transform]:
-    """Turn an alias, a registered name, a :class:`Transform` or a list of these into a list of transforms."""
-    if isinstance(spec, Transform):
-        return [spec]
-    if isinstance(spec, str):
-        if spec in ALIASES:
-            return ALIASES[spec]()
-        if spec in _REGISTRY:
-            return [_REGISTRY[spec]()]
-        known = sorted(set(ALIASES) | set(_REGISTRY))
-        raise ValueError(f"`transforms`={spec!r} is not a known alias or transform; allowed: {', '.join(known)}.")
-    if isinstance(spec, Sequence) and spec:
-        return [t for item in spec for t in resolve_transforms(_single(item))]
-    raise TypeError(
-        f"`transforms` must be a name, a Transform or a non-empty list of those; got {type(spec).__name__} {spec!r}."
-    )
-
-
-def _single(item: Any) -> str | Transform:
-    if not isinstance(item, str | Transform):
-        raise TypeError(f"`transforms` entries must be names or Transform objects; got {type(item).__name__}.")
-    return item
-
-
-@dataclass(frozen=True)
-class View:
-    """One augmented view: a chain of ``(transform, parameter)`` steps applied in order."""
-
-    steps: tuple[tuple[Transform, Any], ...]
-
-    def sizes(self, size: Size) -> list[Size]:
-        """Spatial sizes before each step, followed by the final size."""
-        sizes = [tuple(size)]
-        for transform, param in self.steps:
-            sizes.append(tuple(transform.output_size(sizes[-1], param)))
-        return sizes  # type: ignore[return-value]
-
-    def check(self, size: Size) -> None:
-        """Raise ``ValueError`` if a step cannot apply to an image of ``size``."""
-        for (transform, param), step_size in zip(self.steps, self.sizes(size), strict=False):
-            transform.check(step_size, param)
-
-    def augment(self, x: Tensor) -> Tensor:
-        for transform, param in self.steps:
-            x = transform.augment(x, param)
-        return x
-
-    def deaugment(self, y: Tensor, size: Size) -> Tensor:
-        """Map a dense output back; exact sizes are used only when ``y`` is at the augmented input's resolution."""
-        sizes = self.sizes(size)
-        exact = tuple(y.shape[-2:]) == sizes[-1]
-        for (transform, param), step_size in zip(reversed(self.steps), reversed(sizes[:-1]), strict=True):
-            y = transform.deaugment(y, param, step_size if exact else None)
-        return y
-
-    def deaugment_points(self, points: Tensor, size: Size) -> Tensor:
-        sizes = self.sizes(size)
-        for (transform, param), step_size in zip(reversed(self.steps), reversed(sizes[:-1]), strict=True):
-            points = transform.deaugment_points(points, param, step_size)
-        return points
-
-    @property
-    def reflects(self) -> bool:
-        """Whether the view mirrors the image an odd number of times."""
-        return sum(transform.reflects(param) for transform, param in self.steps) % 2 == 1
-
-    @property
-    def spatial(self) -> bool:
-        return any(transform.spatial for transform, _ in self.steps)
-
-    def __str__(self) -> str:
-        return "*".join(transform.describe(param) for transform, param in self.steps)
-
-
-def expand(transforms: Sequence[Transform]) -> list[View]:
-    """All views of a composition: the product of the parameters, last transform fastest."""
-    return [
-        View(tuple(zip(transforms, params, strict=True)))
-        for params in itertools.product(*(t.params for t in transforms))
-    ]
