@@ -208,10 +208,10 @@ CASES["tta_adaptive_anytime_views"] = functools.partial(
 CASES["tta_return_views"] = functools.partial(_tta, transforms="flip", stop=stopping.Entropy(0.6), return_views=True)
 
 
-def _task(task: str, transforms: str, model: Callable, channels: int, **options: Any) -> torch.Tensor:
+def _task(task: str | ttc.tta.Task, transforms: str, model: Callable, channels: int) -> torch.Tensor:
     x = torch.rand(4, channels, 12, 10, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        merged, _ = ttc.Augmenter(transforms=transforms, task=task, **options)(model, x)
+        merged, _ = ttc.Augmenter(transforms=transforms, task=task)(model, x)
     return merged
 
 
@@ -235,9 +235,11 @@ def _boxes(x: torch.Tensor) -> torch.Tensor:
 
 
 CASES["task_segmentation_d4"] = lambda: _task("segmentation", "d4", _segmenter(), 3)
-CASES["task_segmentation_flip_classes"] = lambda: _task("segmentation", "flip", _segmenter(), 3, flip_classes=[[0, 1]])
+CASES["task_segmentation_flip_classes"] = lambda: _task(
+    ttc.tta.Segmentation(flip_classes=[[0, 1]]), "flip", _segmenter(), 3
+)
 CASES["task_segmentation_multiscale"] = lambda: _task("segmentation", "multiscale", _segmenter(), 3)
-CASES["task_keypoints_d4_pairs"] = lambda: _task("keypoints", "d4", _keypoints, 3, flip_pairs=[[1, 2]])
+CASES["task_keypoints_d4_pairs"] = lambda: _task(ttc.tta.Keypoints(flip_pairs=[[1, 2]]), "d4", _keypoints, 3)
 CASES["task_boxes_d4"] = lambda: _task("boxes", "d4", _boxes, 2)
 
 
