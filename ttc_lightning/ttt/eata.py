@@ -34,6 +34,9 @@ class EATAObjective:
     Args:
         e_margin: entropy threshold as a fraction of ``ln C`` (``C`` classes). Default ``0.4``.
         d_margin: cosine-similarity threshold of the redundancy filter. Default ``0.05``.
+
+    Raises:
+        ValueError: for a non-positive ``e_margin`` or a ``d_margin`` outside ``(0, 1]``.
     """
 
     def __init__(self, e_margin: float = 0.4, d_margin: float = 0.05) -> None:

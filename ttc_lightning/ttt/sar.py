@@ -24,6 +24,9 @@ class ReliableEntropy:
 
     Args:
         e_margin: threshold as a fraction of ``ln C``. Default ``0.4``.
+
+    Raises:
+        ValueError: for a non-positive ``e_margin``.
     """
 
     def __init__(self, e_margin: float = 0.4) -> None:
