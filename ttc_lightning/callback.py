@@ -188,56 +188,25 @@ class TestTimeCallback(Callback):
             check_strategy(trainer)
             self._stage = _Stage(peers, trainer, pl_module, stage)
 
-    def _start(self, pl_module: pl.LightningModule) -> None:
-        if self._stage is not None:
-            self._stage.start(pl_module)
-
-    def _batch_start(self, dataloader_idx: int) -> None:
-        if self._stage is not None:
-            self._stage.batch_start(dataloader_idx)
-
-    def _epoch_end(self) -> None:
-        if self._stage is not None:
-            self._stage.epoch_end()
-
-    def _batch_end(self, pl_module: pl.LightningModule, batch_idx: int) -> None:
-        if self._stage is not None:
-            self._stage.batch_end(pl_module, batch_idx)
-
-    def _finish(self, pl_module: pl.LightningModule) -> None:
-        stage, self._stage = self._stage, None
-        if stage is not None:
-            stage.finish(pl_module)
+    # The Lightning hooks: one per moment of the stage, shared by predict, test and validate (aliases).
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(pl_module)
+        """Take the stage's tensors and install the pipeline (after any ``ckpt_path`` was loaded)."""
+        if self._stage is not None:
+            self._stage.start(pl_module)
 
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(pl_module)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(pl_module)
+    on_test_start = on_validation_start = on_predict_start
 
     @override
     def on_predict_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._batch_start(dataloader_idx)
+        """Tell the run which dataloader the batch comes from."""
+        if self._stage is not None:
+            self._stage.batch_start(dataloader_idx)
 
-    @override
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._batch_start(dataloader_idx)
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._batch_start(dataloader_idx)
+    on_test_batch_start = on_validation_batch_start = on_predict_batch_start
 
     @override
     def on_predict_batch_end(
@@ -249,56 +218,29 @@ class TestTimeCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end(pl_module, batch_idx)
+        """Check the batch called the composed forward, report the figures, call the strategies' ``batch_end``."""
+        if self._stage is not None:
+            self._stage.batch_end(pl_module, batch_idx)
 
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_end(pl_module, batch_idx)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_end(pl_module, batch_idx)
+    on_test_batch_end = on_validation_batch_end = on_predict_batch_end
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_end()
+        """Call the strategies' ``epoch_end`` (this process has no batch left)."""
+        if self._stage is not None:
+            self._stage.epoch_end()
 
-    @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_end()
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_end()
+    on_test_epoch_end = on_validation_epoch_end = on_predict_epoch_end
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(pl_module)
+        """Remove the pipeline, finish the strategies and restore the model and the loop."""
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            stage.finish(pl_module)
 
-    @override
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(pl_module)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(pl_module)
+    on_test_end = on_validation_end = on_predict_end
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._finish(pl_module)
+        self.on_predict_end(trainer, pl_module)
