@@ -24,18 +24,16 @@ from ttc_lightning.ttt.norm import NormStatistics, running_statistics
 from ttc_lightning.ttt.objectives import Loss, Objective, as_loss, resolve_objective
 from ttc_lightning.ttt.params import ParamSpec, adapted_parameters, check_params
 from ttc_lightning.ttt.persistence import Persistence, adaptation_state, load_adaptation_state
-from ttc_lightning.ttt.refusals import check_combinations, check_composition, check_run, check_without_optimizer
+from ttc_lightning.ttt.refusals import (
+    check_combinations,
+    check_composition,
+    check_parts,
+    check_run,
+    check_without_optimizer,
+)
 from ttc_lightning.ttt.resets import ResetPolicy, Resets
-from ttc_lightning.ttt.sync import distributed, status
+from ttc_lightning.ttt.sync import distributed, drain, status, template
 from ttc_lightning.ttt.updater import OptimizerFactory, Updater, Updates
-
-#: The option groups and parts the constructor takes, with their types.
-GROUPS: dict[str, type] = {
-    "updates": Updates,
-    "resets": Resets,
-    "persistence": Persistence,
-    "correction": OutputCorrection,
-}
 
 
 class TestTimeTraining(TestTimeCallback):
@@ -57,9 +55,8 @@ class TestTimeTraining(TestTimeCallback):
             then keep their defaults; presets that take gradient steps refuse ``None``). Default ``None``.
         objective: ``"entropy"`` (mean prediction entropy, TENT) or a callable ``output -> scalar tensor`` (or
             :class:`~ttc_lightning.ttt.objectives.Loss`, for per-sample weights and filters). Default ``"entropy"``.
-        params: which parameters adapt (see :func:`~ttc_lightning.ttt.params.select_parameters`): ``"batchnorm"``
-            (affine parameters of the BatchNorm family), ``"groupnorm"``, ``"layernorm"``, ``"instancenorm"``,
-            ``"norm"``, ``"all"``, a module type, ``"re:<pattern>"``, or a list. Default ``"batchnorm"``.
+        params: which parameters adapt (:func:`~ttc_lightning.ttt.params.select_parameters`). Default
+            ``"batchnorm"`` (the affine parameters of the BatchNorm family).
         norm: BatchNorm statistics policy: ``"batch"``, ``"source"`` (needs an ``optimizer``: alone it changes
             nothing), ``"mix"``, ``"ema"``, or a :class:`~ttc_lightning.ttt.norm.NormStatistics` with its weights
             (``NormStatistics("mix", alpha=0.9)``). With an ``optimizer``, a policy other than the default is refused
@@ -69,15 +66,13 @@ class TestTimeTraining(TestTimeCallback):
         resets: when to return to the source model (:class:`~ttc_lightning.Resets`). ``every="batch"`` with one
             step per batch is refused unless ``keep_adapted`` or a composed strategy lets an update reach a prediction.
         persistence: keep, save and resume the adaptation (:class:`~ttc_lightning.Persistence`).
-        anchors: parts that act on the adapted parameters after every update
-            (:mod:`~ttc_lightning.ttt.anchoring`: an EMA teacher, weight ensembling toward the source, stochastic
-            restore). Default ``()``.
-        correction: what is done to each batch's prediction (:class:`~ttc_lightning.ttt.correction.OutputCorrection`).
+        anchors: parts acting on the adapted parameters after every update (:mod:`~ttc_lightning.ttt.anchoring`).
+            Default ``()``.
+        correction: applied to each batch's prediction (:class:`~ttc_lightning.ttt.correction.OutputCorrection`).
             Default ``None``: the identity.
-        flags: add per-sample flags to the step's extras (the mixin's predict_step then returns
-            ``{"prediction": ..., "kept": ..., "skipped": ...}``): ``kept``, whether the sample entered the loss of the
-            batch's last step (all true without filters); ``skipped``, whether the batch's update was skipped for a
-            non-finite loss or gradient. Needs an ``optimizer``. Default ``False``.
+        flags: per-sample extras (the mixin's predict_step then returns ``{"prediction", "kept", "skipped"}``):
+            ``kept``, whether the sample entered the loss of the batch's last step (all true without filters);
+            ``skipped``, whether the batch's update was skipped (non-finite). Needs an ``optimizer``. Default ``False``.
         stages: Trainer stages to act in, from ``predict``, ``test``, ``validate``. Default ``("predict",)``.
 
     Raises:
@@ -87,15 +82,12 @@ class TestTimeTraining(TestTimeCallback):
             ``resets.every="dataloader"`` and the statistics policy are also checked against the run at the start of
             the stage.
 
-    Precision: adaptation runs inside ``predict_step``, so ``bf16-mixed`` and ``16-mixed`` autocast apply to its
-    forward passes; under ``16-mixed`` (GPU) a private ``torch.amp.GradScaler`` scales the loss. Parameters held in
-    half precision (``*-true`` precisions) are refused at the start of the stage.
-
-    A batch whose loss or gradients are not finite is not used for an update (the model is untouched) and counted in
-    :attr:`skipped`. Figures of the stage so far: :attr:`last_loss`, :attr:`updates`, :attr:`resets`,
-    :attr:`skipped`, :attr:`backwards` (backward passes), :attr:`kept_fraction` (filtering objectives). The state to
-    save and resume is :meth:`adaptation_state` (the callback's ``state_dict``, which Lightning puts into
-    checkpoints, stays empty).
+    Precision: autocast applies to the forward passes; under ``16-mixed`` (GPU) a private ``GradScaler`` scales the
+    loss; half-precision parameters (``*-true``) are refused at the start of the stage. A batch whose loss or
+    gradients are not finite takes no update (the model is untouched) and is counted in :attr:`skipped`. Figures of
+    the stage so far: :attr:`last_loss`, :attr:`updates`, :attr:`resets`, :attr:`skipped`, :attr:`backwards`
+    (backward passes), :attr:`kept_fraction` (filtering objectives). The state to save and resume is
+    :meth:`adaptation_state` (the callback's ``state_dict``, which Lightning puts into checkpoints, stays empty).
 
     Presets change the step through :meth:`prepare`, :meth:`loss`, :meth:`apply_gradients`, :meth:`after_update`,
     :meth:`predict`, :meth:`reset_state`, :meth:`extra_state` and :meth:`load_extra_state`.
@@ -124,12 +116,7 @@ class TestTimeTraining(TestTimeCallback):
         stages: Sequence[str] = ("predict",),
     ) -> None:
         super().__init__(stages=stages)
-        given = {"updates": updates, "resets": resets, "persistence": persistence, "correction": correction}
-        for name, value in given.items():
-            if value is not None and not isinstance(value, GROUPS[name]):
-                raise TypeError(f"`{name}`={value!r} must be a ttc_lightning.{GROUPS[name].__name__}.")
-        if isinstance(anchors, str | Anchor) or not all(isinstance(a, Anchor) for a in anchors):
-            raise TypeError(f"`anchors`={anchors!r} must be a list of ttc_lightning.ttt.anchoring.Anchor parts.")
+        check_parts(updates=updates, resets=resets, persistence=persistence, anchors=anchors, correction=correction)
         if optimizer is None and self.requires_optimizer:
             raise ValueError(
                 f"`optimizer`=None: {type(self).__name__} adapts by gradient steps and needs an optimizer factory "
@@ -276,7 +263,7 @@ class TestTimeTraining(TestTimeCallback):
         self._batch_size = len(x)
         if self.updater is not None and self.updater.synced:
             status(True, x, self._params[0].device)
-            self._template = (x[:0], [a[:0] if _rows(a, len(x)) else a for a in args], kwargs)
+            self._template = template(x, args, kwargs)
 
     def _adapt(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Any, Tensor | None]:
         """``steps`` updates on the batch; returns the output :meth:`loss` returned last, detached, and the samples
@@ -384,32 +371,22 @@ class TestTimeTraining(TestTimeCallback):
         """
         load_adaptation_state(self, state)
 
-    def _drain(self) -> None:
-        """With sync: answer the other ranks' collectives on empty batches until no rank has data left."""
-        if self.updater is None or not self.updater.synced or self._source is None:
-            return
-        device = self._params[0].device
-        while True:
-            ranks, shape = status(False, None, device)
-            if ranks == 0:
-                return
-            x, args, kwargs = self._template or (torch.zeros((0, *shape), device=device), [], {})
-            self._batch_size = 0
-            with torch.enable_grad():
-                self._adapt(self._model, x, tuple(args), kwargs)
-
     @override
     def epoch_end(self, run: Run) -> None:
-        self._drain()
+        if self.updater is None or not self.updater.synced or self._source is None:
+            return
+
+        def empty_step(x: Tensor, args: tuple, kwargs: dict) -> None:
+            self._batch_size = 0
+            with torch.enable_grad():
+                self._adapt(self._model, x, args, kwargs)
+
+        drain(self._params[0].device, self._template, empty_step)  # answer the other ranks until none has data
 
     @override
     def batch_end(self, run: Run) -> None:
         if self._source is not None and self.persistence.due(self.batches_seen):
             self.persistence.save(self.adaptation_state(), run.rank, run.world_size)
-
-
-def _rows(value: Any, batch: int) -> bool:
-    return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch
 
 
 def grad_scaler(precision: str, params: list[nn.Parameter]) -> "torch.amp.GradScaler | None":

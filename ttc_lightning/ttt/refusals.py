@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from ttc_lightning.checks import check_unused
 from ttc_lightning.pipeline import Run
+from ttc_lightning.ttt.anchoring import Anchor
+from ttc_lightning.ttt.correction import OutputCorrection
 from ttc_lightning.ttt.norm import NormStatistics, running_statistics
 from ttc_lightning.ttt.persistence import Persistence
 from ttc_lightning.ttt.resets import Resets
@@ -19,6 +21,21 @@ if TYPE_CHECKING:
 
 #: What the stage's dataloaders are counted by, per Trainer stage.
 LOADERS = {"predict": "num_predict_batches", "test": "num_test_batches", "validate": "num_val_batches"}
+
+
+def check_parts(*, updates: Any, resets: Any, persistence: Any, anchors: Sequence[Any], correction: Any) -> None:
+    """Refuse option groups and parts of the wrong kind (``correction`` may be ``None``).
+
+    Raises:
+        TypeError: naming the argument and the type it must have.
+    """
+    kinds = {"updates": Updates, "resets": Resets, "persistence": Persistence, "correction": OutputCorrection}
+    given = {"updates": updates, "resets": resets, "persistence": persistence, "correction": correction}
+    for name, value in given.items():
+        if value is not None and not isinstance(value, kinds[name]):
+            raise TypeError(f"`{name}`={value!r} must be a ttc_lightning.{kinds[name].__name__}.")
+    if isinstance(anchors, str | Anchor) or not all(isinstance(a, Anchor) for a in anchors):
+        raise TypeError(f"`anchors`={anchors!r} must be a list of ttc_lightning.ttt.anchoring.Anchor parts.")
 
 
 def check_without_optimizer(

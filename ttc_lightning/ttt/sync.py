@@ -27,6 +27,7 @@ without an active exception``.
 import pickle
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -140,3 +141,23 @@ def average_gradients(params: list[nn.Parameter], weight: float, value: float, b
         p.grad = (message[offset : offset + p.numel()] / total).view_as(p).to(p.dtype)
         offset += p.numel()
     return weighted_value / total, False
+
+
+def template(x: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, list, dict]:
+    """The batch ``x`` (with its arguments) cut to no rows: what :func:`drain` runs once this rank has no data."""
+    rows = len(x)
+    return x[:0], [a[:0] if isinstance(a, Tensor) and a.ndim >= 1 and a.shape[0] == rows else a for a in args], kwargs
+
+
+def drain(
+    device: torch.device, template: tuple[Tensor, list, dict] | None, step: Callable[[Tensor, tuple, dict], None]
+) -> None:
+    """Answer the other ranks' collectives until no rank has data left: each round, :func:`status` (no data here),
+    then ``step`` on an empty batch (``template``, the rank's last batch cut to no rows, or zeros of the shape
+    another rank reports)."""
+    while True:
+        ranks, shape = status(False, None, device)
+        if ranks == 0:
+            return
+        x, args, kwargs = template or (torch.zeros((0, *shape), device=device), [], {})
+        step(x, tuple(args), kwargs)
