@@ -128,6 +128,12 @@ class TestTimeCallback(Callback):
     Args:
         stages: Trainer stages to act in, a subset of ``("predict", "test", "validate")``. Default ``("predict",)``.
             ``validate`` means ``trainer.validate``; validation inside ``trainer.fit`` is never touched.
+
+    Raises:
+        ValueError: for ``stages`` that are not a non-empty list drawn from the three; at the start of a stage, for
+            two strategies of one role or an unknown role.
+        TypeError: at the start of a stage, for a Trainer of the separate ``pytorch_lightning`` package.
+        RuntimeError: at the start of a stage, for a Lightning strategy that shards the model (FSDP, DeepSpeed).
     """
 
     __test__ = False  # not a pytest test class despite the name

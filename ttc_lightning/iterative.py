@@ -115,6 +115,16 @@ class IterativeInference(TestTimeCallback):
     ``saved`` (fraction of forward samples saved vs ``max_iters`` each), ``halted/<rule>`` (fraction of samples
     each rule stopped) and ``halted/max_iters`` (samples that ran out of iterations).
 
+    Raises:
+        ValueError: for an unknown ``mode``, ``space`` or ``stages``, counts below 1 or ``min_iters > max_iters``,
+            a non-callable ``augment`` or one outside ``sample`` mode, non-bool flags, and arguments that cannot act
+            given the others (``warm_start`` outside ``refine``, ``anytime`` without ``stop``, ``space``/``seed`` in
+            ``refine`` mode, ``min_iters`` without ``stop``, a ``stop`` that ``min_iters == max_iters`` silences). At
+            the start of a stage: ``sample`` mode on a model without dropout and no ``augment``, a ``seed`` that
+            cannot act, and ``refine`` mode with test-time augmentation inside.
+        TypeError: for a ``stop`` that is not a stopping rule; at the start of a stage, ``refine`` mode on a model
+            without ``ttc_init``/``ttc_refine``.
+
     Example::
 
         from ttc_lightning import stopping
