@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from digits import digits
 
 import ttc_lightning.data as data
-from ttc_lightning.data import CORRUPTIONS, FAMILIES, VALIDATION_CORRUPTIONS, corrupt, corruptions
-from ttc_lightning.data.corruptions import pixelate_sizes, spatial_scale
+from ttc_lightning.data import CORRUPTIONS, FAMILIES, VALIDATION_CORRUPTIONS, corrupt, spatial_scale
+from ttc_lightning.data.corruptions import blur
+from ttc_lightning.data.corruptions.digital import pixelate_sizes
 
 #: The 15 reported corruptions and the validation ones: every generic test runs on both.
 ALL = CORRUPTIONS + VALIDATION_CORRUPTIONS
@@ -195,7 +196,7 @@ def test_defocus_kernel_scales_with_the_image(monkeypatch, side, scale, taps):
     """Severity 5's kernel (CIFAR-10-C: the 3x3 disk, alias blur negligible) stretched by the spatial scale, its
     area kept: written out by hand."""
     if scale is not None:
-        monkeypatch.setattr(corruptions, "spatial_scale", lambda height, width: scale)
+        monkeypatch.setattr(blur, "spatial_scale", lambda height, width: scale)
     x = smooth_rgb(2, side, side).double()
     kernel = np.outer(taps, taps)
     expected = np.stack(
@@ -471,3 +472,12 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_an_empty_batch_passes_through():
     x = torch.zeros(0, 3, 8, 8)
     assert corrupt(x, "frost", 5).shape == (0, 3, 8, 8)
+
+
+def test_each_corruption_lives_in_the_module_of_its_family():
+    from ttc_lightning.data.corruptions.registry import FUNCTIONS
+
+    validation = {"speckle_noise": "noise", "gaussian_blur": "blur", "spatter": "weather"}
+    families = {name: family for family, names in FAMILIES.items() for name in names} | validation
+    assert set(FUNCTIONS) == set(ALL)
+    assert {name: FUNCTIONS[name].__module__.rsplit(".", 1)[1] for name in ALL} == families
