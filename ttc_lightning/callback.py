@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ttc_lightning.checks import check_trainer
+from ttc_lightning.lightning_internals import inference_mode, set_inference_mode
 from ttc_lightning.pipeline import ComposedForward, Inner, Run, Step, check_roles, install, uninstall
 from ttc_lightning.progress import show, summarise
 from ttc_lightning.state import ModuleSnapshot
@@ -42,11 +43,10 @@ class _Stage:
         # The stage's one snapshot: modes and flags now (before the loop's eval()), tensors at the stage's start.
         self.snapshot = ModuleSnapshot.capture(module, tensors=False)
         # Gradient strategies need the loop out of inference mode; set before the loop runs, restored by finish().
-        loops = {"predict": trainer.predict_loop, "test": trainer.test_loop, "validate": trainer.validate_loop}
-        self.loop, self.stage, self.batches = loops[stage], stage, 0
-        self.inference_mode = self.loop.inference_mode
+        self.stage, self.batches = stage, 0
+        self.inference_mode = inference_mode(trainer, stage)
         if any(s.needs_grad for s in strategies):
-            self.loop.inference_mode = False
+            set_inference_mode(trainer, stage, False)
         self.run: Run | None = None
         self.installed: ComposedForward | None = None
         self.warned = False
@@ -109,7 +109,7 @@ class _Stage:
                     summarise(type(strategy).__name__, strategy.figures())
         finally:
             self.snapshot.restore(module, tensors=any(s.modifies_model for s in self.strategies))
-            self.loop.inference_mode = self.inference_mode
+            set_inference_mode(self.trainer, self.stage, self.inference_mode)
 
 
 class TestTimeCallback(Callback):
