@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 import ttc_lightning as ttc
-from ttc_lightning.writer import PredictionWriter, _PartWriter, load_predictions, merge_parts
+from ttc_lightning.writer import PredictionWriter, load_predictions, merge_parts
+from ttc_lightning.writer.parts import PartWriter
 
 SCRIPT = Path(__file__).parent / "ddp_writer.py"
 
@@ -230,7 +231,7 @@ def test_limited_batches_are_refused(limits, tmp_path, make_trainer):
 
 def write_part(path, rank, world, batches, lengths=(4,), run="r", footer=True):
     """A part file: ``batches`` are (dataloader, indices) pairs; each sample's value is its index (as a float)."""
-    part = _PartWriter(f"{path}.rank{rank}.part", {"run": run, "rank": rank, "world_size": world, "lengths": lengths})
+    part = PartWriter(f"{path}.rank{rank}.part", {"run": run, "rank": rank, "world_size": world, "lengths": lengths})
     written = [[] for _ in lengths or ()]
     for dataloader, indices in batches:
         values = torch.tensor(indices, dtype=torch.float)
@@ -312,7 +313,7 @@ def test_merge_reports_missing_foreign_incomplete_and_truncated_parts(tmp_path):
 def test_merge_refuses_parts_whose_shapes_disagree(tmp_path):
     path = tmp_path / "p.pt"
     write_part(path, 0, 2, [(0, [0, 2])])
-    part = _PartWriter(f"{path}.rank1.part", {"run": "r", "rank": 1, "world_size": 2, "lengths": (4,)})
+    part = PartWriter(f"{path}.rank1.part", {"run": "r", "rank": 1, "world_size": 2, "lengths": (4,)})
     part.write(0, {"indices": torch.tensor([1, 3]), "skeleton": 0, "leaves": [torch.zeros(2, 5)]})
     part.close({"samples": [2], "ordered": [True]})
     with pytest.raises(ValueError, match=r"per-sample shape \(5,\) .* but \(\) and"):
