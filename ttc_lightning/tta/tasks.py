@@ -90,6 +90,7 @@ class Task:
         """One view's output ``y`` (a float tensor) mapped back to the frame of the input of spatial ``size``."""
         raise NotImplementedError
 
+    @override
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({options})"

@@ -82,6 +82,7 @@ class Transform:
         """A short label for one view, e.g. ``rot90(1)``."""
         return f"{type(self).__dict__.get('label') or type(self).__name__}({param})"
 
+    @override
     def __repr__(self) -> str:
         return f"{type(self).__name__}(params={self.params!r})"
 

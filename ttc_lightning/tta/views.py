@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
+from typing_extensions import override
 
 from ttc_lightning.tta.functional import Size
 from ttc_lightning.tta.registry import resolve_transforms
@@ -65,6 +66,7 @@ class View:
         """Whether a step moves pixels."""
         return any(transform.spatial for transform, _ in self.steps)
 
+    @override
     def __str__(self) -> str:
         return "*".join(transform.describe(param) for transform, param in self.steps)
 
