@@ -5,9 +5,9 @@
   theta_0`` (ROID's weight ensembling).
 * :class:`StochasticRestore`: each adapted element returns to its source value with a probability (CoTTA).
 
-An anchor is started over the adapted parameters at the start of a stage (:meth:`Anchor.start`), started again on
-every reset (:meth:`Anchor.reset`, the parameters then hold the source values) and acts after every update
-(:meth:`Anchor.after_update`). Its state is saved with the adaptation state.
+An anchor copies the adapted parameters at the start of a stage (:meth:`Anchor.start`) and again on every reset
+(:meth:`Anchor.reset`, the parameters then hold the source values), and acts after every update
+(:meth:`Anchor.after_update`). Its copy (and generator) is saved with the adaptation state.
 """
 
 from collections.abc import Iterator, Sequence
@@ -35,53 +35,49 @@ def swapped(params: Sequence[nn.Parameter], values: Sequence[Tensor]) -> Iterato
             p.data = data
 
 
-def _clones(params: Sequence[nn.Parameter]) -> list[Tensor]:
-    return [p.detach().clone() for p in params]
-
-
-def _on(values: list[Tensor], params: Sequence[nn.Parameter]) -> list[Tensor]:
-    return [v.to(p.device) for v, p in zip(values, params, strict=True)]
-
-
 class Anchor:
-    """A part that acts on the adapted parameters after every update (the default does nothing)."""
+    """A part that keeps a copy of the adapted parameters (:attr:`values`: a teacher, the source), taken at the start
+    of a stage and again on every reset, and acts after every update (:meth:`after_update`)."""
+
+    def __init__(self) -> None:
+        self.values: list[Tensor] = []
 
     def start(self, params: Sequence[nn.Parameter]) -> None:
         """Begin a stage over ``params`` (their values are the source's)."""
         self.reset(params)
 
     def reset(self, params: Sequence[nn.Parameter]) -> None:
-        """Start again from ``params`` after a reset (their values are the source's)."""
+        """Copy ``params`` again after a reset (their values are the source's)."""
+        self.values = [p.detach().clone() for p in params]
 
     def after_update(self, params: Sequence[nn.Parameter]) -> None:
-        """Act on ``params`` after an optimizer step."""
+        """Act on ``params`` (or the copy) after an optimizer step."""
+        raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
         """What to save with the adaptation state."""
-        return {}
+        return {"values": self.values}
 
     def load_state(self, state: dict[str, Any], params: Sequence[nn.Parameter]) -> None:
         """Continue from a :meth:`state` (tensors go to the device of ``params``)."""
+        self.values = [v.to(p.device) for v, p in zip(state["values"], params, strict=True)]
 
 
 class EMATeacher(Anchor):
-    """A teacher copy of the adapted parameters, moved after every update as ``momentum * teacher + (1 - momentum) *
-    student``; :func:`swapped` runs the model with it.
+    """A teacher copy of the adapted parameters (:attr:`values`), moved after every update as ``momentum * teacher +
+    (1 - momentum) * student``; :func:`swapped` runs the model with it.
 
     Args:
         momentum: the teacher's momentum, in ``[0, 1]`` (``1``: a frozen teacher).
+        name: the argument name errors give. Default ``"ema"``.
 
     Raises:
         ValueError: for a momentum outside ``[0, 1]``.
     """
 
     def __init__(self, momentum: float, name: str = "ema") -> None:
+        super().__init__()
         self.momentum = check_range(name, momentum, 0, 1)
-        self.values: list[Tensor] = []
-
-    @override
-    def reset(self, params: Sequence[nn.Parameter]) -> None:
-        self.values = _clones(params)
 
     @override
     def after_update(self, params: Sequence[nn.Parameter]) -> None:
@@ -89,67 +85,49 @@ class EMATeacher(Anchor):
             for p, teacher in zip(params, self.values, strict=True):
                 teacher.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
 
-    @override
-    def state(self) -> dict[str, Any]:
-        return {"teacher": self.values}
-
-    @override
-    def load_state(self, state: dict[str, Any], params: Sequence[nn.Parameter]) -> None:
-        self.values = _on(state["teacher"], params)
-
 
 class WeightEnsemble(Anchor):
-    """The adapted parameters pulled toward the source after every update: ``theta <- alpha * theta + (1 - alpha) *
-    theta_0`` (ROID's weight ensembling; ``alpha=1`` leaves them alone).
+    """The adapted parameters pulled toward the source (:attr:`values`) after every update: ``theta <- alpha * theta +
+    (1 - alpha) * theta_0`` (ROID's weight ensembling; ``alpha=1`` leaves them alone).
 
     Args:
         alpha: the weight of the adapted parameters, in ``[0, 1]``.
+        name: the argument name errors give. Default ``"alpha"``.
 
     Raises:
         ValueError: for an ``alpha`` outside ``[0, 1]``.
     """
 
     def __init__(self, alpha: float, name: str = "alpha") -> None:
+        super().__init__()
         self.alpha = check_range(name, alpha, 0, 1)
-        self.source: list[Tensor] = []
-
-    @override
-    def reset(self, params: Sequence[nn.Parameter]) -> None:
-        self.source = _clones(params)
 
     @override
     def after_update(self, params: Sequence[nn.Parameter]) -> None:
         with torch.no_grad():
-            for p, source in zip(params, self.source, strict=True):
+            for p, source in zip(params, self.values, strict=True):
                 p.mul_(self.alpha).add_(source, alpha=1 - self.alpha)
-
-    @override
-    def state(self) -> dict[str, Any]:
-        return {"source": self.source}
-
-    @override
-    def load_state(self, state: dict[str, Any], params: Sequence[nn.Parameter]) -> None:
-        self.source = _on(state["source"], params)
 
 
 class StochasticRestore(Anchor):
-    """After every update each adapted element returns to its source value with probability ``prob``; the masks come
-    from a private generator seeded with ``seed`` at the start of every stage (the same stream on every rank, so that
-    synchronized ranks stay identical), not reseeded on resets.
+    """After every update each adapted element returns to its source value (:attr:`values`) with probability
+    ``prob``; the masks come from a private generator seeded with ``seed`` at the start of every stage (the same
+    stream on every rank, so that synchronized ranks stay identical), not reseeded on resets.
 
     Args:
         prob: the restore probability, in ``[0, 1]``.
-        seed: the masks' seed.
+        seed: the masks' seed. Default ``0``.
+        name: the argument name errors give. Default ``"restore_prob"``.
 
     Raises:
         ValueError: for a probability outside ``[0, 1]`` or a negative seed.
     """
 
     def __init__(self, prob: float, seed: int = 0, name: str = "restore_prob") -> None:
+        super().__init__()
         self.prob = check_range(name, prob, 0, 1)
         self.seed = check_int("seed", seed, 0)
-        self.source: list[Tensor] = []
-        self.generator = torch.Generator()
+        self.generator = seeded_generator(self.seed)
 
     @override
     def start(self, params: Sequence[nn.Parameter]) -> None:
@@ -157,21 +135,17 @@ class StochasticRestore(Anchor):
         self.reset(params)
 
     @override
-    def reset(self, params: Sequence[nn.Parameter]) -> None:
-        self.source = _clones(params)
-
-    @override
     def after_update(self, params: Sequence[nn.Parameter]) -> None:
         with torch.no_grad():
-            for p, source in zip(params, self.source, strict=True):
+            for p, source in zip(params, self.values, strict=True):
                 mask = (torch.rand(p.shape, generator=self.generator) < self.prob).to(p.device)
                 p.copy_(torch.where(mask, source, p))
 
     @override
     def state(self) -> dict[str, Any]:
-        return {"source": self.source, "masks": self.generator.get_state()}
+        return {**super().state(), "masks": self.generator.get_state()}
 
     @override
     def load_state(self, state: dict[str, Any], params: Sequence[nn.Parameter]) -> None:
-        self.source = _on(state["source"], params)
+        super().load_state(state, params)
         self.generator.set_state(state["masks"])

@@ -145,7 +145,7 @@ class CoTTA(TestTimeTraining):
     def loss(self, forward: Forward, x: Tensor, args: tuple, kwargs: dict) -> tuple[Loss, Any]:
         check_image_batch(x, "CoTTA (its teacher averages random image augmentations)")
         with torch.no_grad():
-            with swapped(self._params, self.restore.source):
+            with swapped(self._params, self.restore.values):
                 source = check_logits(forward(x, *args, **kwargs), "CoTTA")
                 self.anchor_confidence = source.softmax(1).amax(1).mean().item()
             with swapped(self._params, self.teacher.values):
