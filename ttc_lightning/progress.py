@@ -11,8 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-#: TQDMProgressBar's name for each stage's bar.
-BAR_NAMES = {"predict": "predict", "test": "test", "validate": "val"}
+from ttc_lightning.lightning_internals import progress_bar
 
 
 def _format(value: float) -> str:
@@ -25,7 +24,7 @@ def show(trainer: pl.Trainer, stage: str, figures: dict[str, float], step: int) 
         return
     bar_callback = trainer.progress_bar_callback
     if isinstance(bar_callback, TQDMProgressBar):
-        bar = getattr(bar_callback, f"_{BAR_NAMES[stage]}_progress_bar", None)
+        bar = progress_bar(bar_callback, stage)
         if bar is not None:
             bar.set_postfix({name: _format(value) for name, value in figures.items()}, refresh=False)
     for logger in trainer.loggers:
