@@ -22,9 +22,9 @@ from common import RESULTS, Artefact, header, load, read, save, table
 
 #: benchmark script -> its arguments in a paired run (smaller than the defaults: several rounds must fit).
 SCRIPTS = {
-    "tta_speed": ["--batches", "10", "--reps", "5"],
-    "ttt_speed": ["--batches", "10", "--reps", "5"],
-    "tta_memory": ["--batch-size", "32"],
+    "tta_speed": ["--batches", "4", "--batch-size", "32", "--reps", "5"],
+    "ttt_speed": ["--batches", "4", "--batch-size", "32", "--reps", "5"],
+    "tta_memory": ["--batch-size", "16"],
 }
 #: benchmark -> ratios (numerator, denominator) compared.
 RATIOS = {

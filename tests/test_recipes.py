@@ -2,8 +2,6 @@
 main job's committed artefacts and README.md's table rendered from them."""
 
 import csv
-import dataclasses
-import inspect
 import json
 import os
 import subprocess
@@ -19,29 +17,6 @@ from schemas import register
 import ttc_lightning as ttc
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-#: Where each adaptation keyword that moved into an option group went (CHANGELOG.md), by group and field.
-MOVED = {
-    "updates": {name: name for name in ("scheduler", "clip_grad", "clip_mode", "tol", "sync")},
-    "resets": {"every": "reset", "on_collapse": "reset_on_collapse", "on_nonfinite": "reset_on_nonfinite"},
-    "persistence": {name: name for name in ("keep_adapted", "save_every_n_batches", "save_path", "resume_from")},
-}
-GROUPS = {"updates": ttc.Updates, "resets": ttc.Resets, "persistence": ttc.Persistence}
-
-
-def regrouped(node: dict) -> dict:
-    """A strategy node of an artefact written before the keywords moved into option groups, in today's layout: each
-    moved value in its group, the group's other fields (options its preset set itself) at their defaults."""
-    cls = getattr(ttc, node.get("_target_", "").removeprefix("ttc_lightning."), None)
-    if cls is None or not issubclass(cls, ttc.TestTimeTraining):
-        return node
-    out = {k: v for k, v in node.items() if k not in {old for names in MOVED.values() for old in names.values()}}
-    for group in inspect.signature(cls).parameters.keys() & GROUPS.keys():
-        fields = {f.name: node.get(MOVED[group][f.name], f.default) for f in dataclasses.fields(GROUPS[group])}
-        out[group] = {"_target_": f"ttc_lightning.{GROUPS[group].__name__}", **fields}
-    return out
-
 
 CONFIGS = ROOT / "configs"
 #: A benchmark small enough for the test suite: 1 training epoch, 120 test digits, 2 corruptions, 2 severities.
@@ -182,8 +157,7 @@ def test_committed_artefacts_come_from_the_current_configuration():
 
     cfg = _compose("benchmark")
     main = json.loads((RESULTS / "digits_results.json").read_text())
-    recorded = {**main["settings"], "suite": {k: regrouped(v) for k, v in main["settings"]["suite"].items()}}
-    assert recorded == settings(cfg)
+    assert main["settings"] == settings(cfg)
     assert main["command"] in {  # the main job itself, publishing or not
         ".venv/bin/python recipes/benchmark.py",
         ".venv/bin/python recipes/benchmark.py publish=benchmarks/results",
@@ -193,7 +167,7 @@ def test_committed_artefacts_come_from_the_current_configuration():
     assert cfg.suite.eata.d_margin == hparams["chosen"] == cfg.suite.eta.d_margin
     assert hparams["corruptions"] == ["speckle_noise", "gaussian_blur", "spatter"]
     memo = json.loads((RESULTS / "memo_bs1.json").read_text())
-    assert regrouped(memo["memo"]) == OmegaConf.to_container(cfg.suite.memo, resolve=True)
+    assert memo["memo"] == OmegaConf.to_container(cfg.suite.memo, resolve=True)
     for artefact in (main, hparams, memo):
         assert {"command", "date", "machine", "versions", "load_average"} <= set(artefact)
 
