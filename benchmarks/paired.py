@@ -24,7 +24,7 @@ from common import RESULTS, Artefact, header, load, read, save, table
 SCRIPTS = {
     "tta_speed": ["--batches", "4", "--batch-size", "32", "--reps", "5"],
     "ttt_speed": ["--batches", "4", "--batch-size", "32", "--reps", "5"],
-    "tta_memory": ["--batch-size", "16"],
+    "tta_memory": [],
 }
 #: benchmark -> ratios (numerator, denominator) compared.
 RATIOS = {
@@ -67,8 +67,8 @@ def revision(tree: str) -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
 
 
-def render(artefact: Artefact) -> str:
-    """The table: per ratio, the median over rounds before and after, and the relative change."""
+def render(artefact: Artefact) -> list[str]:
+    """The title and the table: per ratio, the median over rounds before and after, and the relative change."""
     rows = []
     for name, runs in artefact["results"]["runs"].items():
         for key in runs["before"][0]:
@@ -78,7 +78,7 @@ def render(artefact: Artefact) -> str:
             rows.append([f"{name} {key}", before, after, f"{100 * change:+.1f} %", abs(change) <= TOLERANCE])
     refs = artefact["results"]["revisions"]
     title = f"Paired ratios before ({refs['before'][:7]}) and after ({refs['after'][:7]})"
-    return header(title, artefact) + "\n" + table(["ratio", "before", "after", "change", "within 5 %"], rows) + "\n"
+    return [title, table(["ratio", "before", "after", "change", "within 5 %"], rows)]
 
 
 def main() -> None:
@@ -103,7 +103,9 @@ def main() -> None:
         "arguments": SCRIPTS,
     }
     save(args, results, load_at_start)
-    print(render(read(args.artefact)))
+    artefact = read(args.artefact)
+    title, rows = render(artefact)
+    print(header(title, artefact) + "\n" + rows)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ ARTEFACTS = {
     "ttt_speed": "ttt_speed",
     "ttt_stream": "ttt_stream",
     "iterative_digits": "iterative",
+    "redesign_paired_speed": "paired",
+    "redesign_paired_memory": "paired",
 }
 
 
