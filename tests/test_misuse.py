@@ -141,7 +141,12 @@ def test_an_unknown_name_is_refused_with_the_allowed_names(make, error, match):
     [
         case("misspelt", lambda: ttc.Tent(lr=1e-3), TypeError, r"unexpected keyword argument 'lr'"),
         case("preset_owned", lambda: ttc.Tent(norm="ema"), TypeError, r"unexpected keyword argument 'norm'"),
-        case("moved", lambda: ttc.Tent(keep_adapted=True), TypeError, r"unexpected keyword argument 'keep_adapted'"),
+        case(
+            "moved",
+            lambda: ttc.Tent(keep_adapted=True),
+            TypeError,
+            re.escape("Tent(keep_adapted=...) moved to a new argument: pass persistence=ttc.Persistence(keep_adapted="),
+        ),
         case("wrapper", lambda: ttc.TTAWrapper(nn.Identity(), stages=("predict",)), TypeError, "'stages'"),
     ],
 )

@@ -1,9 +1,13 @@
 """Eager argument validation with messages that name the argument, the bad value and what is allowed."""
 
-from collections.abc import Collection
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+
+InitT = TypeVar("InitT", bound=Callable[..., None])
 
 
 def check_choice(name: str, value: Any, allowed: Collection[Any]) -> None:
@@ -75,3 +79,24 @@ def check_unused(name: str, value: Any, default: Any, why: str, remedy: str) -> 
     """
     if not is_default(value, default):
         raise ValueError(f"`{name}`={value!r} has no effect: {why}. {remedy}.")
+
+
+def moved_keywords(moved: Mapping[str, str], place: str) -> Callable[[InitT], InitT]:
+    """A decorator for ``__init__``: a keyword of ``moved`` (old name -> how to pass it now, ``"new=..."``) whose new
+    argument the decorated ``__init__`` takes raises a ``TypeError`` saying that it moved to ``place`` and how to pass
+    it, instead of Python's bare "unexpected keyword argument"."""
+
+    def decorator(init: InitT) -> InitT:
+        accepted = inspect.signature(init).parameters
+        here = {name: where for name, where in moved.items() if where.split("=", 1)[0] in accepted}
+
+        @functools.wraps(init)
+        def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+            for name, where in here.items():
+                if name in kwargs:
+                    raise TypeError(f"{type(self).__name__}({name}=...) moved to {place}: pass {where}.")
+            init(self, *args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorator

@@ -6,15 +6,14 @@ their task (``flip_classes``, ``flip_pairs``). Volumes ``(B, C, D, H, W)`` go th
 segmentation: transforms act on the last two dimensions.
 """
 
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from ttc_lightning.checks import check_unused
+from ttc_lightning.checks import check_unused, moved_keywords
 from ttc_lightning.tta import functional as F
 from ttc_lightning.tta.functional import Size
 from ttc_lightning.tta.transforms import Transform, TransformSpec
@@ -295,17 +294,7 @@ MOVED = {
     "flip_classes": "task=ttc.tta.Classification(flip_classes=...) or task=ttc.tta.Segmentation(flip_classes=...)",
     "flip_pairs": "task=ttc.tta.Keypoints(flip_pairs=...)",
 }
-InitT = TypeVar("InitT", bound=Callable[..., None])
 
 
-def refuse_moved(init: InitT) -> InitT:
-    """Decorate an ``__init__`` so that a keyword of :data:`MOVED` raises a ``TypeError`` saying where it went."""
-
-    @functools.wraps(init)
-    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        for name, where in MOVED.items():
-            if name in kwargs:
-                raise TypeError(f"{type(self).__name__}({name}=...) moved to the task object: pass {where}.")
-        init(self, *args, **kwargs)
-
-    return checked  # type: ignore[return-value]
+#: Decorates the ``__init__`` of the TTA classes: a moved keyword says where it went.
+refuse_moved = moved_keywords(MOVED, "the task object")

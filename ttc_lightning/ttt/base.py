@@ -30,6 +30,7 @@ from ttc_lightning.ttt.refusals import (
     check_parts,
     check_run,
     check_without_optimizer,
+    refuse_moved,
 )
 from ttc_lightning.ttt.resets import ResetPolicy, Resets
 from ttc_lightning.ttt.sync import distributed, drain, status, template
@@ -100,6 +101,7 @@ class TestTimeTraining(TestTimeCallback):
     #: inside; then an episodic run with one step per batch predicts with the source model only.
     predicts_before_update: ClassVar[bool] = True
 
+    @refuse_moved
     def __init__(
         self,
         optimizer: OptimizerFactory | None = None,

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.norm import NormStatistics
 from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.refusals import refuse_moved
 from ttc_lightning.ttt.resets import Resets
 
 
@@ -34,6 +35,7 @@ class BatchNormAdapt(TestTimeTraining):
         trainer = L.Trainer(callbacks=[ttc.BatchNormAdapt()])
     """
 
+    @refuse_moved
     def __init__(
         self,
         norm: str = "batch",

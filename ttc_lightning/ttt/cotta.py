@@ -17,6 +17,7 @@ from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec
 from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.refusals import refuse_moved
 from ttc_lightning.ttt.resets import Resets
 from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
@@ -78,6 +79,7 @@ class CoTTA(TestTimeTraining):
 
     requires_optimizer: ClassVar[bool] = True
 
+    @refuse_moved
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3),  # noqa: B008

@@ -16,6 +16,7 @@ from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
 from ttc_lightning.ttt.params import ParamSpec
 from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.refusals import refuse_moved
 from ttc_lightning.ttt.resets import Resets, episodic_resets
 from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
@@ -106,6 +107,7 @@ class EATA(TestTimeTraining):
 
     requires_optimizer: ClassVar[bool] = True
 
+    @refuse_moved
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.00025, momentum=0.9),  # noqa: B008

@@ -19,6 +19,7 @@ from ttc_lightning.ttt.norm import NormStatistics
 from ttc_lightning.ttt.objectives import Loss, check_logits
 from ttc_lightning.ttt.params import ParamSpec
 from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.refusals import refuse_moved
 from ttc_lightning.ttt.resets import Resets, episodic_resets
 from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
@@ -67,6 +68,7 @@ class MEMO(TestTimeTraining):
     requires_optimizer: ClassVar[bool] = True
     predicts_before_update: ClassVar[bool] = False
 
+    @refuse_moved
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.005),  # noqa: B008

@@ -6,7 +6,7 @@ refused. Options that only depend on their own group are checked by the group it
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ttc_lightning.checks import check_unused
+from ttc_lightning.checks import check_unused, moved_keywords
 from ttc_lightning.pipeline import Run
 from ttc_lightning.ttt.anchoring import Anchor
 from ttc_lightning.ttt.correction import OutputCorrection
@@ -19,6 +19,25 @@ from ttc_lightning.ttt.updater import Updates
 if TYPE_CHECKING:
     from ttc_lightning.ttt.base import TestTimeTraining
 
+#: Keywords of test-time training that moved into an option group (CHANGELOG.md), and how to pass them now.
+MOVED = {
+    "scheduler": "updates=ttc.Updates(scheduler=...)",
+    "clip_grad": "updates=ttc.Updates(clip_grad=...)",
+    "clip_mode": "updates=ttc.Updates(clip_mode=...)",
+    "tol": "updates=ttc.Updates(tol=...)",
+    "sync": "updates=ttc.Updates(sync=...)",
+    "reset": "resets=ttc.Resets(every=...)",
+    "reset_on_collapse": "resets=ttc.Resets(on_collapse=...)",
+    "reset_on_nonfinite": "resets=ttc.Resets(on_nonfinite=...)",
+    "keep_adapted": "persistence=ttc.Persistence(keep_adapted=...)",
+    "save_every_n_batches": "persistence=ttc.Persistence(save_every_n_batches=...)",
+    "save_path": "persistence=ttc.Persistence(save_path=...)",
+    "resume_from": "persistence=ttc.Persistence(resume_from=...)",
+    "norm_alpha": 'norm=ttc.NormStatistics("mix", alpha=...)',
+    "norm_momentum": 'norm=ttc.NormStatistics("ema", momentum=...)',
+}
+#: Decorates the ``__init__`` of test-time training and its presets: a moved keyword says where it went.
+refuse_moved = moved_keywords(MOVED, "a new argument")
 #: What the stage's dataloaders are counted by, per Trainer stage.
 LOADERS = {"predict": "num_predict_batches", "test": "num_test_batches", "validate": "num_val_batches"}
 

@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from ttc_lightning.checks import check_positive, check_unused
+from ttc_lightning.checks import check_positive, check_unused, moved_keywords
 from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.objectives import Loss, entropy
 from ttc_lightning.ttt.params import ParamSpec
 from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.refusals import MOVED
 from ttc_lightning.ttt.resets import Resets, episodic_resets
 from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
@@ -77,6 +78,7 @@ class SAR(TestTimeTraining):
 
     requires_optimizer: ClassVar[bool] = True
 
+    @moved_keywords({**MOVED, "reset_on_collapse": "reset_below=..."}, "a new argument")
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.00025, momentum=0.9),  # noqa: B008

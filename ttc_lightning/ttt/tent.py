@@ -9,6 +9,7 @@ import torch
 from ttc_lightning.ttt.base import TestTimeTraining
 from ttc_lightning.ttt.params import ParamSpec
 from ttc_lightning.ttt.persistence import Persistence
+from ttc_lightning.ttt.refusals import refuse_moved
 from ttc_lightning.ttt.resets import Resets, episodic_resets
 from ttc_lightning.ttt.updater import OptimizerFactory, Updates
 
@@ -48,6 +49,7 @@ class Tent(TestTimeTraining):
 
     requires_optimizer: ClassVar[bool] = True
 
+    @refuse_moved
     def __init__(
         self,
         optimizer: OptimizerFactory = functools.partial(torch.optim.Adam, lr=1e-3),  # noqa: B008
