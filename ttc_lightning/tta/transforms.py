@@ -35,6 +35,9 @@ class Transform:
                 return x.roll(param, dims=-1)
             def deaugment(self, y, param, size):
                 return y.roll(-param, dims=-1)
+
+    Raises:
+        ValueError: if ``params`` is empty.
     """
 
     spatial: ClassVar[bool] = True
@@ -188,6 +191,9 @@ class Rotate90(Transform):
 
     Args:
         ks: the turns, identity ``0`` prepended when missing. Default ``(0, 1, 2, 3)``.
+
+    Raises:
+        ValueError: if a turn is not an integer in ``0..3``.
     """
 
     label = "rot90"
@@ -251,6 +257,9 @@ class Scale(_Resampling):
             is ``floor(side * scale)`` (at least 1), as ``interpolate(scale_factor=...)`` and ttach compute it.
         interpolation: ``torch.nn.functional.interpolate`` mode, one of ``nearest``, ``bilinear``, ``bicubic``,
             ``area``; refused when every scale is 1 (nothing is resampled). Default ``bilinear`` (ttach: ``nearest``).
+
+    Raises:
+        ValueError: if a scale is not a positive number, or for an unknown or unused ``interpolation``.
     """
 
     label = "scale"
@@ -331,6 +340,9 @@ class FiveCrop(Transform):
         size: crop size as ``(H, W)`` or an int in pixels, or a float in ``(0, 1]`` as a fraction of each image side
             (floored, at least 1). Default ``0.875`` (the 224/256 ratio of ImageNet evaluation). The model must accept
             the smaller input (global pooling).
+
+    Raises:
+        ValueError: if ``size`` is a fraction outside ``(0, 1]`` or not a positive size.
     """
 
     label = "five_crop"

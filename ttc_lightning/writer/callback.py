@@ -77,6 +77,10 @@ class PredictionWriter(BasePredictionWriter):
         trainer = L.Trainer(accelerator="gpu", devices=4, strategy="ddp", callbacks=[ttc.PredictionWriter("preds.pt")])
         trainer.predict(model, dataloaders=loader, return_predictions=False)
         predictions = torch.load("preds.pt")  # all samples, in the order of loader.dataset
+
+    Raises:
+        ValueError: for a ``path`` that is not a file name, a ``shard_size`` below 1, a non-bool ``merge``, or a
+            ``shard_size`` with ``merge=False``.
     """
 
     def __init__(self, path: str | os.PathLike, shard_size: int | None = None, merge: bool = True) -> None:
