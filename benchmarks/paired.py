@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Any
 
-from common import RESULTS, Artefact, header, load, read, save, table
+from common import Artefact, header, load, read, save, table
 
 #: benchmark script -> its arguments in a paired run (smaller than the defaults: several rounds must fit).
 SCRIPTS = {
@@ -109,5 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert os.path.isdir(RESULTS)
     main()

@@ -1,7 +1,8 @@
 """The structural goals of the core redesign (issue 11), measured on ``ttc_lightning/`` with ``ast``.
 
 ``python tests/test_structure.py [ROOT]`` prints the measurements (module lengths, the longest function bodies, the
-largest ``__init__`` signatures) of the package under ROOT (default: this checkout).
+largest ``__init__`` signatures) of the package under ROOT (default: this checkout). The layering goals (entropy
+written only in ``ops/entropy.py``, which layer imports which) are checked in ``tests/test_layering.py``.
 """
 
 import ast
@@ -16,8 +17,6 @@ MAX_INIT_PARAMETERS = 14
 MAX_ADAPTATION_PARAMETERS = 12
 #: The one module that touches Lightning's private attributes.
 LIGHTNING_INTERNALS = "lightning_internals.py"
-#: The one module that defines entropy.
-ENTROPY_MODULE = "ops/entropy.py"
 
 
 def modules(root: Path = ROOT) -> dict[str, str]:
@@ -75,32 +74,6 @@ def test_no_init_takes_over_14_parameters_and_the_adaptation_base_at_most_12() -
 
     base = ttc.TestTimeTraining.__init__.__code__
     assert base.co_argcount + base.co_kwonlyargcount - 1 <= MAX_ADAPTATION_PARAMETERS
-
-
-def _entropy_products(source: str) -> list[str]:
-    """Lines of the code (docstrings blanked) with an inline ``p * log p``: a product whose one factor is a
-    probability (``p``, ``probs``, ``softmax(...)``, ``x.exp()``, ``1 - p``) and whose other factor is a logarithm."""
-    call = r"\((?:[^()]|\([^()]*\))*\)"
-    factor = rf"[\w.]+(?:{call})?(?:\.\w+(?:{call})?)*"
-    product = re.compile(rf"(\(1 - \w+\)|{factor})\s*\*\s*({factor})")
-    probability = re.compile(r"^(p|probs?|\(1 - p\))$|softmax|\.exp\(\)$")
-    tree = ast.parse(source)
-    for node in ast.walk(tree):  # docstrings may write the formula out
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-            node.value.value = ""
-    found = []
-    for line in ast.unparse(tree).splitlines():
-        for left, right in product.findall(line):
-            if (probability.search(left) and "log" in right) or (probability.search(right) and "log" in left):
-                found.append(line.strip())
-    return found
-
-
-def test_entropy_is_written_in_one_module() -> None:
-    found = [
-        f"{path}:{line}" for path, src in modules().items() if path != ENTROPY_MODULE for line in _entropy_products(src)
-    ]
-    assert not found
 
 
 def test_lightning_private_attributes_are_touched_in_one_module() -> None:

@@ -192,8 +192,7 @@ def composed_forward(module: nn.Module) -> ComposedForward | None:
 def call(module: nn.Module, *args: Any, **kwargs: Any) -> Output:
     """``module(*args, **kwargs)`` (hooks included) with the extras its composed forward produced (none without)."""
     value = module(*args, **kwargs)
-    installed = composed_forward(module)
-    return Output(value, dict(installed.extras) if installed is not None else {})
+    return Output(value, current_extras(module))
 
 
 def current_extras(module: nn.Module) -> dict[str, Tensor]:
