@@ -107,6 +107,8 @@ def test_weight_ensembling_follows_its_formula():
         torch.testing.assert_close(p.detach(), 0.75 * theta + 0.25 * theta0, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"`alpha`=1.5"):
         WeightEnsemble(1.5)
+    with pytest.raises(ValueError, match=r"`alpha`=1 has no effect"):
+        WeightEnsemble(1.0)
 
 
 def test_the_ema_teacher_follows_its_formula_and_swaps_in():

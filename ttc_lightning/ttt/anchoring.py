@@ -88,19 +88,24 @@ class EMATeacher(Anchor):
 
 class WeightEnsemble(Anchor):
     """The adapted parameters pulled toward the source (:attr:`values`) after every update: ``theta <- alpha * theta +
-    (1 - alpha) * theta_0`` (ROID's weight ensembling; ``alpha=1`` leaves them alone).
+    (1 - alpha) * theta_0`` (ROID's weight ensembling).
 
     Args:
-        alpha: the weight of the adapted parameters, in ``[0, 1]``.
+        alpha: the weight of the adapted parameters, in ``[0, 1)`` (``1`` would leave them alone: refused).
         name: the argument name errors give. Default ``"alpha"``.
 
     Raises:
-        ValueError: for an ``alpha`` outside ``[0, 1]``.
+        ValueError: for an ``alpha`` outside ``[0, 1)``.
     """
 
     def __init__(self, alpha: float, name: str = "alpha") -> None:
         super().__init__()
         self.alpha = check_range(name, alpha, 0, 1)
+        if self.alpha == 1:
+            raise ValueError(
+                f"`{name}`=1 has no effect: the adapted parameters keep their whole weight, so the ensemble never "
+                "pulls them toward the source. Use an alpha below 1 (ROID: 0.99) or drop the WeightEnsemble."
+            )
 
     @override
     def after_update(self, params: Sequence[nn.Parameter]) -> None:
